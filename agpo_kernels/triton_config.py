@@ -1,0 +1,76 @@
+"""Tile configurations of the Triton kernels, per GPU generation and dtype.
+
+Shipped configurations are listed in ``SHIPPED`` so that the compile test can build every
+one of them for sm_80 and sm_90 without a GPU (see tests/test_triton_compile.py and
+docs/kernels.md for the reasoning behind each choice).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton.language as tl
+
+NEG_BIG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps 0 * x finite
+
+# (arch, kind) -> config for 16-bit inputs. 128x128 output tiles: on sm_90 two warpgroups
+# of wgmma m64n128k16; BLOCK_K 64 keeps a 32 KB stage. The forward keeps 3 stages: its
+# online-softmax epilogue needs the registers (4 stages spill 8 bytes at 255 registers).
+_TILES_16 = {
+    (90, "fwd"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (90, "bwd"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=4),
+    (80, "fwd"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    (80, "bwd"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=4),
+}
+# fp32 inputs use 3xTF32 dots (near-fp32 accuracy); half the K depth per stage.
+_TILES_32 = {
+    (90, "fwd"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    (90, "bwd"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=3),
+    (80, "fwd"): dict(BLOCK_N=128, BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    (80, "bwd"): dict(BLOCK_N=128, BLOCK_V=64, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=3),
+}
+# Small tiles for the CPU interpreter (TRITON_INTERPRET=1): fast, and odd shapes still
+# cross tile borders in tests.
+_INTERPRET = {
+    "fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, TARGET_PROGRAMS=8),
+    "bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, GROUP_N=2),
+}
+
+SHIPPED = [(arch, kind, dtype, (_TILES_32 if dtype == torch.float32 else _TILES_16)[(arch, kind)])
+           for arch in (80, 90) for kind in ("fwd", "bwd")
+           for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _arch(device: torch.device) -> int:
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _config(kind: str, dtype: torch.dtype, device: torch.device) -> dict:
+    if interpreting() or device.type != "cuda":
+        return dict(_INTERPRET[kind])
+    table = _TILES_32 if dtype == torch.float32 else _TILES_16
+    return dict(table[(_arch(device), kind)])
+
+
+def fwd_config(dtype: torch.dtype, device: torch.device) -> dict:
+    return _config("fwd", dtype, device)
+
+
+def bwd_config(dtype: torch.dtype, device: torch.device) -> dict:
+    return _config("bwd", dtype, device)
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """The CPU interpreter mis-computes ``tl.dot`` on bf16 operands (seen with triton
+    3.9); there the kernels upcast tiles to fp32 first. Compiled kernels never do."""
+    return interpreting() and dtype == torch.bfloat16
