@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no network): install the package offline, run the CUDA
+# correctness tests, sweep the Triton tile configs, run the GPU benchmarks, and write a
+# Markdown table + JSON into $OUT (default bench/results/gpu-<date>).
+#   AGPO_BENCH_SHAPES="qwen2.5-14b,qwen2.5-0.5b"  limits the benchmark shapes
+#   AGPO_COMMIT=<sha>                              recorded in the results
+# Wheels of missing packages (liger-kernel) may travel in .whl/ (see DEVELOPERS.md).
+set -uo pipefail
+OUT=${OUT:-bench/results/gpu-$(date +%F)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+{
+  echo "date: $(date -u +%FT%TZ)"; echo "commit: ${AGPO_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
+} | tee "$OUT/env.txt"
+echo "== CUDA correctness tests"
+python3 -m pytest tests/test_fused_loss.py tests/test_bad_input.py -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+echo "== Triton config sweep"
+timeout 240 python3 bench/sweep_triton.py 2>&1 | tee "$OUT/sweep.md"
+echo "== Benchmarks"
+(cd bench && python3 -m pytest . --benchmark-only -q -p no:cacheprovider --benchmark-json "../$OUT/bench.json" \
+   ${AGPO_BENCH_SHAPES:+-k "$(echo "$AGPO_BENCH_SHAPES" | sed 's/,/ or /g')"} > "../$OUT/bench.log" 2>&1)
+tail -5 "$OUT/bench.log"
+python3 bench/report.py "$OUT/bench.json" | tee "$OUT/table.md"

@@ -1,0 +1,48 @@
+"""Turns benchmark results into the comparison table (Markdown).
+
+Usable on pytest-benchmark JSON: ``python bench/report.py results.json > table.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """rows: dicts with ``median`` (s) and ``extra_info`` (shape, mode, impl, flops, ...)."""
+    groups = defaultdict(dict)
+    matmul = {}
+    for r in rows:
+        x = r["extra_info"]
+        if "impl" not in x:
+            continue
+        if x["impl"] == "matmul":
+            matmul[x["shape"]] = x["flops"] / r["median"]
+            continue
+        groups[(x["shape"], x["mode"])][x["impl"]] = (r["median"], x)
+    lines = ["| shape | mode | impl | median ms | TFLOP/s | % of bf16 matmul | vs eager | vs liger | peak extra MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (shape, mode), impls in groups.items():
+        base = impls.get("eager", (None,))[0]
+        lig = impls.get("liger", (None,))[0]
+        for impl, (med, x) in sorted(impls.items()):
+            rate = x["flops"] / med
+            mm = matmul.get(shape)
+            lines.append("| " + " | ".join([
+                shape, mode, impl, f"{med * 1e3:.2f}", f"{rate / 1e12:.1f}",
+                f"{100 * rate / mm:.0f}%" if mm else "-",
+                f"{base / med:.2f}x" if base else "-",
+                f"{lig / med:.2f}x" if lig else "-",
+                f"{x['peak_extra_mib']:.0f}" if x.get("peak_extra_mib") is not None else "-",
+            ]) + " |")
+    for shape, rate in matmul.items():
+        lines.append(f"\nbf16 matmul [N,D]x[D,V] for {shape}: {rate / 1e12:.1f} TFLOP/s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    data = json.load(open(sys.argv[1]))
+    print(markdown_table([dict(median=b["stats"]["median"], extra_info=b["extra_info"])
+                          for b in data["benchmarks"]]))

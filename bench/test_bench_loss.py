@@ -1,0 +1,111 @@
+"""Fused AGPO loss and log-probs, ours against eager PyTorch and Liger-Kernel.
+
+``pytest bench/ --benchmark-only``: on a GPU the model heads that matter, on a CPU
+scaled-down shapes (V = 152064 included). Each result carries shape, dtype, device,
+FLOPs and (for fwd+bwd) peak extra memory in ``extra_info``; the comparison table is
+printed at the end (bench/report.py).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cases import CPU_SHAPES, GPU_SHAPES, flops, loss_fn, logprobs_fn, make_inputs
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+SHAPES = GPU_SHAPES if CUDA else CPU_SHAPES
+IMPLS = ["eager", "torch", "triton", "liger"] if CUDA else ["eager", "torch", "liger"]
+MODES = ["fwd", "bwd", "fwd+bwd", "logprobs"]
+ROUNDS, WARMUP = (5, 2) if CUDA else (3, 1)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def skip_reason(shape, impl, mode):
+    if impl == "liger" and mode == "logprobs":
+        return "Liger has no log-prob-only op"
+    if CUDA and impl == "torch" and shape.D > 1024:
+        return "the fp32 tiled fallback is far too slow for big GPU heads"
+    if impl == "liger":
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger-kernel not installed"
+    return None
+
+
+def peak_extra_mib(shape, impl, x, f):
+    if CUDA:
+        x["h"].grad = torch.zeros_like(x["h"])
+        x["W"].grad = torch.zeros_like(x["W"])
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        f(x).backward()
+        sync()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "peak_rss.py"),
+                          shape.name, impl], capture_output=True, text=True, timeout=600)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_loss(benchmark, shape, impl, mode):
+    reason = skip_reason(shape, impl, mode)
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    x = make_inputs(shape, DTYPE, DEVICE)
+    info = dict(shape=shape.name, mode=mode, impl=impl, device=DEVICE, dtype=str(DTYPE),
+                N=shape.N, D=shape.D, V=shape.V, flops=flops(shape, mode))
+    if CUDA:
+        info["gpu"] = torch.cuda.get_device_name()
+    f = loss_fn(impl) if mode != "logprobs" else logprobs_fn(impl)
+
+    def clear():
+        x["h"].grad = x["W"].grad = None
+
+    if mode == "fwd":
+        def run():
+            f(x)
+            sync()
+        benchmark.pedantic(run, setup=clear, rounds=ROUNDS, warmup_rounds=WARMUP)
+    elif mode == "logprobs":
+        benchmark.pedantic(lambda: (f(x), sync()), rounds=ROUNDS, warmup_rounds=WARMUP)
+    elif mode == "bwd":
+        def setup():
+            clear()
+            loss = f(x)
+            sync()
+            return (loss,), {}
+        benchmark.pedantic(lambda loss: (loss.backward(), sync()), setup=setup, rounds=ROUNDS,
+                           warmup_rounds=WARMUP)
+    else:
+        def step():
+            f(x).backward()
+            sync()
+        benchmark.pedantic(step, setup=clear, rounds=ROUNDS, warmup_rounds=WARMUP)
+        clear()
+        info["peak_extra_mib"] = peak_extra_mib(shape, impl, x, f)
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.skipif(not CUDA, reason="the matmul reference rate is a GPU figure")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_matmul_rate(benchmark, shape):
+    """The machine's own bf16 rate on the LM head's GEMM, to quote results against."""
+    a = torch.randn(shape.N, shape.D, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(shape.V, shape.D, device=DEVICE, dtype=DTYPE)
+    benchmark.pedantic(lambda: (a @ w.t(), sync()), rounds=10, warmup_rounds=3)
+    benchmark.extra_info.update(dict(shape=shape.name, impl="matmul", mode="matmul",
+                                     flops=flops(shape, "fwd"), device=DEVICE, dtype=str(DTYPE)))
