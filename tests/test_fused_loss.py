@@ -216,3 +216,12 @@ def test_module_matches_functional_and_overrides():
     assert torch.allclose(a, b)
     with pytest.raises(TypeError, match="unknown options"):
         mod(p["h"], p["W"], p["y"], p["adv"], p["old"], epsilon=0.2)
+
+
+def test_auto_picks_triton_on_cuda_and_torch_on_cpu():
+    from agpo_kernels.dispatch import resolve_impl, triton_available
+
+    assert triton_available()
+    assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert resolve_impl("reference", torch.device("cuda", 0)) == "reference"
