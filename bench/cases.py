@@ -37,8 +37,10 @@ GPU_SHAPES = [
 ]
 CPU_SHAPES = [
     Shape("cpu-small", 256, 32000, 4, 64),
-    Shape("cpu-vocab152k", 128, 152064, 2, 64),
+    Shape("cpu-vocab152k", 256, 152064, 4, 128),
 ]
+# Memory-only shape (bench/peak_rss.py): the fused-loss issue's measurement point.
+MEMORY_SHAPES = [Shape("cpu-d1024-n2048", 1024, 152064, 1, 2048)]
 BETA, EPS = 0.04, 0.2
 
 
@@ -61,7 +63,9 @@ def loss_fn(impl: str):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         mod = LigerFusedLinearGRPOLoss(beta=BETA, epsilon_low=EPS, epsilon_high=EPS, loss_type="dapo",
-                                       use_ref_model=True, compiled=True)
+                                       use_ref_model=True,
+                                       # torch.compile on CPU breaks on a shape change (torch 2.13)
+                                       compiled=torch.cuda.is_available())
 
         def f(x):
             out = mod(x["h"], x["W"], x["y"], x["mask"].long(), x["adv"], ref_per_token_logps=x["ref"],

@@ -34,9 +34,11 @@ def markdown_table(rows: list[dict]) -> str:
                 shape, mode, impl, f"{med * 1e3:.2f}", f"{rate / 1e12:.1f}",
                 f"{100 * rate / mm:.0f}%" if mm else "-",
                 f"{base / med:.2f}x" if base else "-",
-                f"{lig / med:.2f}x" if lig else "-",
+                f"{lig / med:.2f}x" if lig and mode != "bwd" else "-",
                 f"{x['peak_extra_mib']:.0f}" if x.get("peak_extra_mib") is not None else "-",
             ]) + " |")
+    lines.append("\nLiger computes its gradients inside the forward call, so its 'bwd' row is "
+                 "only the hand-back of stored gradients: compare fwd+bwd.")
     for shape, rate in matmul.items():
         lines.append(f"\nbf16 matmul [N,D]x[D,V] for {shape}: {rate / 1e12:.1f} TFLOP/s")
     return "\n".join(lines)
