@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_tile import logit_tile
 from .triton_config import NEG_BIG, upcast_dot, bwd_config, dot_precision
 
 
@@ -67,21 +68,8 @@ def _dlogits_kernel(
     h_ptrs = h_ptr + (rb * BLOCK_N).to(tl.int64) * stride_h + tile_rows[:, None] * stride_h + offs_k[None, :]
     w_ptrs = (w_ptr + (v_lo + vb * BLOCK_V).to(tl.int64) * stride_w + tile_cols[None, :] * stride_w
               + offs_k[:, None])
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    for k0 in tl.range(0, D, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
-            hk = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
-            wk = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            kk = k0 + offs_k
-            hk = tl.load(h_ptrs, mask=row_ok[:, None] & (kk[None, :] < D), other=0.0)
-            wk = tl.load(w_ptrs, mask=col_ok[None, :] & (kk[:, None] < D), other=0.0)
-        if UPCAST:  # interpreter workaround: its bf16 tl.dot is wrong (triton 3.9)
-            hk = hk.to(tl.float32)
-            wk = wk.to(tl.float32)
-        acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
-        h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = logit_tile(h_ptrs, w_ptrs, row_ok, col_ok, D, EVEN_K, PRECISION, UPCAST, NUM_STAGES,
+                     BLOCK_N, BLOCK_V, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if ROW_TEMP:

@@ -1,0 +1,40 @@
+"""The logit tile both Triton kernels start from: ``h[rows] @ W[cols]^T`` over D.
+
+A ``@triton.jit`` helper (inlined by Triton): ``tl.dot`` over D in ``BLOCK_K`` steps,
+fp32 accumulation, loads software-pipelined ``NUM_STAGES`` deep. Pointers enter as an
+int64 scalar base per tile plus int32 in-tile offsets, which keeps pointer tensors small
+while offsets beyond 2^31 (V*D of a 152k x 5120 head and up) stay correct.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logit_tile(
+    h_ptrs,       # [BLOCK_N, BLOCK_K] pointers to h[rows, 0:BLOCK_K]
+    w_ptrs,       # [BLOCK_K, BLOCK_V] pointers to W[cols, 0:BLOCK_K]^T
+    row_ok,       # [BLOCK_N] row mask
+    col_ok,       # [BLOCK_V] column mask
+    D,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in tl.range(0, D, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            hk = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
+            wk = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            kk = k0 + offs_k
+            hk = tl.load(h_ptrs, mask=row_ok[:, None] & (kk[None, :] < D), other=0.0)
+            wk = tl.load(w_ptrs, mask=col_ok[None, :] & (kk[:, None] < D), other=0.0)
+        if UPCAST:  # interpreter workaround: its bf16 tl.dot is wrong (triton 3.9)
+            hk = hk.to(tl.float32)
+            wk = wk.to(tl.float32)
+        acc = tl.dot(hk, wk, acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc

@@ -1,0 +1,29 @@
+"""The benchmark tooling: the comparison table's arithmetic and the GPU suite script."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from report import markdown_table  # noqa: E402
+
+
+def test_markdown_table_ratios():
+    info = lambda impl, mode="fwd+bwd", flops=6e12, **kw: dict(shape="s", mode=mode, impl=impl, flops=flops, **kw)
+    rows = [dict(median=0.300, extra_info=info("eager", peak_extra_mib=4000.0)),
+            dict(median=0.150, extra_info=info("liger", peak_extra_mib=900.0)),
+            dict(median=0.100, extra_info=info("triton", peak_extra_mib=40.0)),
+            dict(median=0.010, extra_info=info("matmul", mode="matmul", flops=2e12))]
+    table = markdown_table(rows)
+    line = next(l for l in table.splitlines() if "| triton |" in l)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # 6e12 FLOP in 0.1 s = 60 TFLOP/s; matmul 2e12 in 0.01 s = 200 TFLOP/s -> 30%
+    assert cells[3:] == ["100.00", "60.0", "30%", "3.00x", "1.50x", "40"]
+    assert "200.0 TFLOP/s" in table
+
+
+def test_gpu_suite_script_parses():
+    out = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", "gpu_suite.sh")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
