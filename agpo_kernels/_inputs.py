@@ -10,6 +10,7 @@ form, so the checks and the aggregation weights are written once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -209,6 +210,6 @@ def flatten_loss_inputs(hidden, weight, targets, advantages, old_logp, *, mask, 
 
 def scatter_tokens(values: torch.Tensor, index: torch.Tensor, shape: tuple) -> torch.Tensor:
     """Puts per-row values back into the caller's token layout (0 where masked)."""
-    out = torch.zeros(int(torch.tensor(shape).prod()), dtype=values.dtype, device=values.device)
+    out = torch.zeros(math.prod(shape), dtype=values.dtype, device=values.device)
     out[index] = values
     return out.reshape(shape)
