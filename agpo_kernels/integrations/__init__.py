@@ -1,0 +1,7 @@
+"""Integrations of the fused loss with third-party trainers.
+
+``agpo_kernels.integrations.trl``: ``AGPOGRPOTrainer`` (a ``trl.GRPOTrainer`` whose policy
+loss is ``agpo_loss`` on hidden states) and ``AGPOControllerCallback``. Needs the
+``trl`` extra (``pip install "agpo[trl]"``); imported on demand, so this package itself
+has no third-party requirements.
+"""

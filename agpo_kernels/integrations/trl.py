@@ -1,0 +1,296 @@
+"""TRL integration: ``GRPOTrainer`` with the policy loss computed by ``agpo_loss``.
+
+``AGPOGRPOTrainer`` is a drop-in subclass of ``trl.GRPOTrainer`` (verified with trl 1.16):
+the policy runs only its backbone, and the clipped surrogate, k3 KL to the reference and
+the aggregation are computed by ``agpo_loss`` from the last hidden states and the LM-head
+weight, so no ``[tokens x vocab]`` logits are built. For the same config the loss and its
+gradients equal TRL's own (``_compute_loss``):
+
+    TRL ``loss_type``  ->  agpo ``loss_agg`` (then TRL's scaling)
+    "bnpo"            ->  "token-mean", / gradient_accumulation_steps
+    "dapo"            ->  "token-mean" * tokens / (num_items_in_batch-based normaliser)
+    "grpo"            ->  "seq-mean-token-mean" (empty sequences counted, as TRL does)
+    "dr_grpo"         ->  "seq-mean-token-sum-norm", max_len = max_completion_length
+
+``epsilon``/``epsilon_high`` -> ``eps_low``/``eps_high``, ``beta`` -> ``beta`` with
+``kl_estimator="k3"``, ``temperature`` -> ``temperature``. Per-sequence ``eps_low``,
+``eps_high`` and ``temperature`` tensors ``[B]`` in the inputs dict override them (they
+travel through TRL's shuffle/split with the rest of the batch). Configurations the
+fused loss does not express (other loss types, sequence-level importance sampling,
+``delta``, off-policy masks, entropy masks/bonus, vLLM IS correction, KL bias
+correction, MoE aux loss, multimodal inputs, logit scaling/softcapping) fall back to
+TRL's own loss, with a warning at construction.
+
+``AGPOControllerCallback`` attaches ``agpo.controllers.AGPOController`` to the trainer:
+after each generation batch it reads the group statistics (``num_generations``
+completions per prompt, rewards, completion texts, the policy's per-group entropy) and
+writes per-sequence ``eps_low = eps_high`` into the batch; the step KL of the previous
+batch is measured once the update is done. TRL samples a whole batch at one temperature,
+so the controller's tau is computed and logged but not applied to sampling.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from ..agpo_loss import agpo_loss
+from ..linear_logprobs import linear_logprobs
+
+__all__ = ["AGPOGRPOTrainer", "AGPOControllerCallback", "LOSS_AGG"]
+
+LOSS_AGG = {"bnpo": "token-mean", "dapo": "token-mean", "grpo": "seq-mean-token-mean",
+            "dr_grpo": "seq-mean-token-sum-norm"}
+"""TRL ``loss_type`` -> ``agpo_loss`` ``loss_agg``."""
+
+_HIDDEN_FLAG = "agpo_hidden_states"
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+               "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def add_hidden_forward(model) -> None:
+    """Lets ``model(..., agpo_hidden_states=True)`` return the backbone's last hidden state.
+
+    Going through ``model(...)`` (not the backbone directly) keeps DDP/FSDP wrappers in the
+    loop; without the flag the forward is unchanged (generation, TRL's scoring).
+    """
+    inner = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, agpo_hidden_states=False, **kwargs):
+        if not agpo_hidden_states:
+            return inner(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return self.base_model(*args, **kwargs).last_hidden_state
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _per_seq(inputs, key, default):
+    value = inputs.get(key)
+    return default if value is None else value.float()
+
+
+class AGPOGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose policy loss is ``agpo_loss`` on hidden states (see module doc).
+
+    Extra keyword ``agpo_impl`` picks the kernel ("auto": Triton on CUDA, else torch).
+    """
+
+    def __init__(self, *args, agpo_impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.agpo_impl = agpo_impl
+        self._agpo_rewards = None
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        add_hidden_forward(base)
+        self.agpo_fallback = self._unsupported()
+        if self.agpo_fallback:
+            warnings.warn(f"AGPOGRPOTrainer: {self.agpo_fallback}; using TRL's own loss", stacklevel=2)
+
+    def _unsupported(self) -> str | None:
+        """Why this config cannot use the fused loss (None: it can)."""
+        args, cfg = self.args, self.model.config.get_text_config()
+        checks = [
+            (self.loss_type not in LOSS_AGG, f"loss_type={self.loss_type!r}"),
+            (self.importance_sampling_level != "token", "importance_sampling_level='sequence'"),
+            (getattr(args, "delta", None) is not None, "delta (two-sided clipping)"),
+            (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
+            (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1"),
+            (getattr(self, "_entropy_bonus_enabled", False), "entropy bonus"),
+            (self.use_vllm and self.vllm_importance_sampling_correction, "vLLM importance-sampling correction"),
+            (self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False), "use_bias_correction_kl"),
+            (self.aux_loss_enabled, "MoE router aux loss"),
+            (getattr(cfg, "final_logit_softcapping", None) is not None, "final_logit_softcapping"),
+            (any(getattr(cfg, k, None) not in (None, 1.0) for k in
+                 ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")), "logit scaling"),
+        ]
+        reasons = [why for bad, why in checks if bad]
+        return ", ".join(reasons) or None
+
+    # --- loss -------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("AGPOGRPOTrainer does not support returning outputs")
+        if self.agpo_fallback or any(inputs.get(k) is not None for k in _MULTIMODAL):
+            return self._compute_loss(model, inputs)
+        return self.agpo_compute_loss(model, inputs)
+
+    def _hidden_and_head(self, model, inputs):
+        """Completion-position hidden states ``[B, C, D]`` and the LM head (weight, bias)."""
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        with self.accelerator.autocast():
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, **{_HIDDEN_FLAG: True})
+        P, C = prompt_ids.size(1), completion_ids.size(1)
+        hidden = hidden[:, P - 1:P + C - 1]  # the state at position t predicts token t + 1
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return hidden, weight, bias
+
+    def agpo_compute_loss(self, model, inputs):
+        """TRL's GRPO loss for this batch, computed by ``agpo_loss`` (no logits)."""
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"]
+        if inputs.get("tool_mask") is not None:
+            mask = mask * inputs["tool_mask"]
+        targets = inputs["completion_ids"]
+        hidden, weight, bias = self._hidden_and_head(model, inputs)
+        temperature = _per_seq(inputs, "temperature", self.temperature)
+        if not bool(mask.any()):  # nothing to score: a connected zero, like TRL
+            return hidden.sum() * 0.0
+        old = inputs.get("old_per_token_logps")
+        if old is None:  # TRL then uses the current log-probs, detached (ratio 1)
+            with torch.no_grad():
+                old, _ = linear_logprobs(hidden.detach(), weight.detach(), targets,
+                                         bias=None if bias is None else bias.detach(),
+                                         temperature=temperature.view(-1, 1) if torch.is_tensor(temperature)
+                                         else temperature, impl=self.agpo_impl)
+        eps_low = _per_seq(inputs, "eps_low", self.epsilon_low)
+        eps_high = _per_seq(inputs, "eps_high", self.epsilon_high)
+        ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        loss, metrics = agpo_loss(
+            hidden, weight, targets, inputs["advantages"].reshape(-1).float(), old, mask=mask, bias=bias,
+            eps_low=eps_low, eps_high=eps_high, temperature=temperature, ref_logp=ref, beta=self.beta,
+            kl_estimator="k3", loss_agg=LOSS_AGG[self.loss_type], max_len=self.max_completion_length,
+            impl=self.agpo_impl)
+        loss = self._rescale(loss, inputs, mask, mode)
+        self._log_agpo_metrics(metrics, old, ref, mask, inputs["advantages"], eps_low, eps_high, mode)
+        return loss
+
+    def _rescale(self, loss, inputs, mask, mode):
+        """TRL's normalisation on top of the agpo aggregation."""
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "grpo":  # TRL's seq mean counts empty sequences too
+            nonempty = int((mask.sum(-1) > 0).sum())
+            return loss * (nonempty / mask.size(0)) / accum
+        if self.loss_type == "dapo":
+            normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return loss * mask.sum() / normaliser
+        return loss / accum
+
+    def _log_agpo_metrics(self, metrics, old, ref, mask, advantages, eps_low, eps_high, mode):
+        """The metrics TRL logs for the clipped losses: entropy, kl, clip ratios."""
+        mask = mask.float()
+        logp = metrics["logp"]
+
+        def masked_mean(x):
+            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def col(x):
+            return x.view(-1, 1) if torch.is_tensor(x) else x
+
+        with torch.no_grad():
+            ratio = torch.exp(logp - old) * mask
+            adv = advantages.view(-1, 1)
+            low = ((ratio < 1 - col(eps_low)) & (adv < 0)).float()
+            high = ((ratio > 1 + col(eps_high)) & (adv > 0)).float()
+            m = self._metrics[mode]
+            if ref is not None:
+                d = ref - logp
+                m["kl"].append(masked_mean(torch.exp(d) - d - 1))
+            m["entropy"].append(masked_mean(metrics["entropy"]))
+            m["clip_ratio/low_mean"].append(masked_mean(low))
+            m["clip_ratio/high_mean"].append(masked_mean(high))
+            m["clip_ratio/region_mean"].append(masked_mean(torch.maximum(low, high)))
+            if torch.is_tensor(eps_low):
+                m["agpo/eps_mean"].append(self.accelerator.gather(eps_low).mean().item())
+
+    # --- hooks for the controllers -------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        n, rank = len(prompts), self.accelerator.process_index
+        self._agpo_rewards = (rewards[rank * n:(rank + 1) * n].detach().cpu(), list(completions))
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if self.model.training and self._agpo_rewards is not None:
+            rewards, completions = self._agpo_rewards
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, AGPOControllerCallback):
+                    cb.on_batch(self, batch, rewards, completions)
+        self._agpo_rewards = None
+        return batch
+
+    @torch.no_grad()
+    def policy_token_stats(self, batch, temperature=None):
+        """Per-token ``(logp, entropy)`` ``[B, C]`` of the current policy on a batch (no grad)."""
+        hidden, weight, bias = self._hidden_and_head(self.model, batch)
+        temperature = self.temperature if temperature is None else temperature
+        return linear_logprobs(hidden, weight, batch["completion_ids"], bias=bias,
+                               temperature=temperature, impl=self.agpo_impl)
+
+
+def _completion_text(c) -> str:
+    """TRL completions are strings, or lists of chat messages for conversational data."""
+    if isinstance(c, str):
+        return c
+    return "".join(m.get("content", "") if isinstance(m, dict) else str(m) for m in c)
+
+
+class AGPOControllerCallback(TrainerCallback):
+    """Adaptive AGPO clip range for ``AGPOGRPOTrainer`` (see the module docstring).
+
+    Per generation batch with ``P`` groups of ``G = num_generations``: ``probe_step`` on the
+    batch's rewards and completion texts, ``clip_step`` on the policy's per-group
+    token-mean entropy, and ``eps.repeat_interleave(G)`` into ``batch["eps_low"]`` and
+    ``batch["eps_high"]``. At the next batch, ``update_step_kl`` with the previous batch's
+    per-group token-mean ``logp_old - logp_new``. Assumes whole groups on each process
+    (the local generation batch a multiple of ``num_generations``).
+    """
+
+    def __init__(self, config=None, controller=None, extract="default"):
+        try:  # imported here: agpo.controllers pulls in agpo.rewards
+            from agpo.controllers import AGPOController, ControllerConfig
+        except ImportError as exc:
+            raise ImportError(f"AGPOControllerCallback needs agpo.controllers ({exc})") from exc
+        self.controller = controller if controller is not None else AGPOController(config or ControllerConfig())
+        self.extract = extract
+        self._pending = None  # (batch, old logp) of the last batch, for the step KL
+        self.last = {}
+
+    def on_batch(self, trainer, batch, rewards, completions):
+        G = trainer.num_generations
+        n = rewards.numel()
+        if n % G:
+            raise ValueError(f"AGPOControllerCallback: {n} completions are not whole groups of {G}")
+        ctl, P = self.controller, n // G
+        if self._pending is not None:
+            prev, prev_old = self._pending
+            new, _ = trainer.policy_token_stats(prev)
+            ctl.update_step_kl(_group_mean(prev_old - new, prev["completion_mask"], G).tolist())
+        texts = [_completion_text(c) for c in completions]
+        groups = [texts[p * G:(p + 1) * G] for p in range(P)]
+        kwargs = {} if self.extract == "default" else {"extract": self.extract}
+        tau = ctl.probe_step(rewards.view(P, G).float(), groups, **kwargs)
+        logp, entropy = trainer.policy_token_stats(batch)
+        eps = ctl.clip_step(_group_mean(entropy, batch["completion_mask"], G).tolist())
+        eps_seq = eps.repeat_interleave(G).to(batch["completion_ids"].device)
+        batch["eps_low"], batch["eps_high"] = eps_seq, eps_seq.clone()
+        self._pending = ({k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                "completion_mask")}, logp)
+        self.last = {"agpo/eps_mean": eps.mean().item(), "agpo/tau_mean": tau.mean().item(),
+                     **ctl.metrics()}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.last:
+            logs.update(self.last)
+
+
+def _group_mean(x, mask, G):
+    """Token-mean of ``x`` ``[B, C]`` over each group's unmasked tokens -> ``[B // G]``."""
+    mask = mask.float()
+    tot = (x.float() * mask).sum(-1).view(-1, G).sum(-1)
+    return (tot / mask.sum(-1).view(-1, G).sum(-1).clamp(min=1.0)).cpu()

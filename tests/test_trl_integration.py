@@ -1,0 +1,192 @@
+"""AGPOGRPOTrainer (agpo_kernels.integrations.trl) against TRL's own GRPO loss, on CPU.
+
+A tiny random Qwen2 model, a character tokenizer and a toy reward; no mocks. Checks that
+the fused loss and its gradients equal TRL's ``_compute_loss`` on the same batch for each
+supported ``loss_type`` (with and without the reference KL), that a few GRPO steps run,
+that per-sequence eps / temperature in the batch reach the loss, and the controller hook.
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from agpo_kernels.integrations.trl import AGPOControllerCallback, AGPOGRPOTrainer  # noqa: E402
+
+VOCAB = 320
+G = 2
+
+
+def _controllers_missing():
+    try:
+        import agpo.controllers  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Qwen2 model and a character-level tokenizer saved to a folder."""
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 +=?.")
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    vocab.update({f"<t{i}>": i for i in range(len(vocab), VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def even_tokens(completion_ids, **kwargs):
+    """Toy reward: the fraction of even token ids in the completion."""
+    return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+DATA = Dataset.from_dict({"prompt": ["1+1=", "2+3=", "ab?", "zz.", "7+0=", "c d"] * 2})
+
+
+def make_trainer(cls, model_dir, tmp_path, callbacks=None, **overrides):
+    opts = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], max_completion_length=8,
+                num_generations=G, per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+                save_strategy="no", learning_rate=1e-3, seed=0, gradient_checkpointing=False,
+                use_bias_correction_kl=False)
+    opts.update(overrides)
+    return cls(model=model_dir, reward_funcs=even_tokens, args=GRPOConfig(**opts), train_dataset=DATA,
+               callbacks=callbacks)
+
+
+def make_batch(trainer, seed=0):
+    """One scored generation batch with off-policy old log-probs (so some ratios clip)."""
+    torch.manual_seed(seed)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    prompts = [p for p in DATA["prompt"][:4] for _ in range(G)]  # 4 groups of G, as TRL's sampler
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
+    ids = batch["completion_ids"]
+    with torch.no_grad():
+        logp, _ = trainer.policy_token_stats(batch)
+    g = torch.Generator().manual_seed(seed)
+    batch["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    batch["completion_mask"] = batch["completion_mask"].clone()
+    batch["completion_mask"][-1, ids.size(1) // 2:] = 0  # a short completion
+    batch["completion_mask"][-2] = 0  # and an empty one (TRL's mean over sequences counts it)
+    return batch
+
+
+def loss_and_grads(fn, trainer, batch):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = fn(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("bnpo", 0.04), ("dr_grpo", 0.0), ("dapo", 0.04)])
+def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, loss_type, beta):
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, loss_type=loss_type, beta=beta)
+    assert trainer.agpo_fallback is None
+    batch = make_batch(trainer)
+    assert (beta > 0) == ("ref_per_token_logps" in batch)
+    ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)
+    theirs, g_trl = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
+    assert trainer._metrics["train"]["clip_ratio/region_mean"][0] > 0  # the clip is exercised
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert g_ours.keys() == g_trl.keys() and len(g_ours) > 0
+    for name in g_trl:
+        torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The metrics TRL logs agree as well.
+    m = trainer._metrics["train"]
+    for key in ["entropy", "clip_ratio/region_mean"] + (["kl"] if beta else []):
+        assert m[key][0] == pytest.approx(m[key][1], rel=1e-5, abs=1e-6), key
+
+
+def test_old_logps_absent_matches_trl(model_dir, tmp_path):
+    """On-policy batches carry no old log-probs; TRL then uses its own, detached."""
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, temperature=0.7)
+    batch = make_batch(trainer)
+    del batch["old_per_token_logps"]
+    ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)
+    theirs, g_trl = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for name in g_trl:
+        torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_grpo_steps_run(model_dir, tmp_path):
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, beta=0.04, loss_type="dapo")
+    before = copy.deepcopy(trainer.model.state_dict())
+    trainer.train()
+    assert trainer.state.global_step == 3
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert all("entropy" in h and "kl" in h for h in logs)
+    changed = any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert changed, "the policy did not move"
+
+
+def test_per_sequence_eps_and_temperature_reach_the_loss(model_dir, tmp_path):
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, epsilon=0.2)
+    batch = make_batch(trainer)
+    B = batch["completion_ids"].size(0)
+    base, _ = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)
+    same = dict(batch, eps_low=torch.full((B,), 0.2), eps_high=torch.full((B,), 0.2))
+    torch.testing.assert_close(loss_and_grads(trainer.agpo_compute_loss, trainer, same)[0], base)
+    wide = dict(batch, eps_low=torch.full((B,), 0.9), eps_high=torch.full((B,), 5.0))
+    assert not torch.allclose(loss_and_grads(trainer.agpo_compute_loss, trainer, wide)[0], base)
+    # A tensor equal to the configured temperature is the same loss; another changes it.
+    tau = dict(batch, temperature=torch.full((B,), float(trainer.temperature)))
+    torch.testing.assert_close(loss_and_grads(trainer.agpo_compute_loss, trainer, tau)[0], base)
+    hot = dict(batch, temperature=torch.tensor([0.5, 2.0] * (B // 2)))
+    assert not torch.allclose(loss_and_grads(trainer.agpo_compute_loss, trainer, hot)[0], base)
+    # Per-sequence eps equal to TRL's scalars (widened) give TRL's loss for the same scalars.
+    trainer.epsilon_low, trainer.epsilon_high = 0.9, 5.0
+    wide_trl, _ = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
+    trainer.epsilon_low = trainer.epsilon_high = 0.2
+    torch.testing.assert_close(loss_and_grads(trainer.agpo_compute_loss, trainer, wide)[0], wide_trl)
+
+
+def test_unsupported_config_falls_back_to_trl(model_dir, tmp_path):
+    with pytest.warns(UserWarning, match="cispo"):
+        trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, loss_type="cispo")
+    batch = make_batch(trainer)
+    ours = trainer.compute_loss(trainer.model, batch)
+    theirs = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.skipif(_controllers_missing() is not None,
+                    reason=f"agpo.controllers not importable yet: {_controllers_missing()}")
+def test_controller_callback_sets_per_sequence_eps(model_dir, tmp_path):
+    from agpo.controllers import ControllerConfig
+
+    cb = AGPOControllerCallback(ControllerConfig())
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, callbacks=[cb])
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert cb.controller.clip_steps >= 1 and cb.controller.probe_steps == cb.controller.clip_steps
+    cfg = cb.controller.config
+    eps = [h["agpo/eps_mean"] for h in trainer.state.log_history if "agpo/eps_mean" in h]
+    assert eps and all(cfg.eps_min - 1e-6 <= e <= cfg.eps_max + 1e-6 for e in eps)
+
+
+def test_controller_callback_needs_controllers():
+    if _controllers_missing() is None:
+        assert AGPOControllerCallback().controller is not None
+    else:
+        with pytest.raises(ImportError, match="agpo.controllers"):
+            AGPOControllerCallback()
