@@ -15,7 +15,8 @@ gradients equal TRL's own (``_compute_loss``):
 ``epsilon``/``epsilon_high`` -> ``eps_low``/``eps_high``, ``beta`` -> ``beta`` with
 ``kl_estimator="k3"``, ``temperature`` -> ``temperature``. Per-sequence ``eps_low``,
 ``eps_high`` and ``temperature`` tensors ``[B]`` in the inputs dict override them (they
-travel through TRL's shuffle/split with the rest of the batch). Configurations the
+travel through TRL's shuffle/split with the rest of the batch); old and reference
+log-probs in the batch must be at the same per-sequence temperature. Configurations the
 fused loss does not express (other loss types, sequence-level importance sampling,
 ``delta``, off-policy masks, entropy masks/bonus, vLLM IS correction, KL bias
 correction, MoE aux loss, multimodal inputs, logit scaling/softcapping) fall back to
