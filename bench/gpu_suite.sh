@@ -7,7 +7,7 @@
 # Wheels of missing packages (liger-kernel) may travel in .whl/ (see DEVELOPERS.md).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-$(date +%F)}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -29,7 +29,7 @@ else  # CPU: the parts that can run here (interpreter tests above, CPU benchmark
   echo "== no CUDA device: skipping the Triton config sweep" | tee "$OUT/sweep.md"
 fi
 echo "== Benchmarks"
-(cd bench && python3 -m pytest . --benchmark-only -q -p no:cacheprovider --benchmark-json "../$OUT/bench.json" \
-   ${AGPO_BENCH_SHAPES:+-k "$(echo "$AGPO_BENCH_SHAPES" | sed 's/,/ or /g')"} > "../$OUT/bench.log" 2>&1)
+(cd bench && python3 -m pytest . --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" \
+   ${AGPO_BENCH_SHAPES:+-k "$(echo "$AGPO_BENCH_SHAPES" | sed 's/,/ or /g')"} > "$OUT/bench.log" 2>&1)
 tail -5 "$OUT/bench.log"
 python3 bench/report.py "$OUT/bench.json" | tee "$OUT/table.md"

