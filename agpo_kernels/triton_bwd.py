@@ -98,7 +98,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
+        except Exception:  # torch without the out_dtype overload: upcast instead
             pass
     return a.float() @ b.float()
 
