@@ -130,7 +130,8 @@ def bwd_grads(hidden, weight, bias, targets, inv_t, lse, mu, g_lp, g_h, *, need_
             inv_t if row_temp else lse, lse, mu, g_lp, g_h, dz, 1.0 if row_temp else float(inv_t),
             N, D, hidden.stride(0), weight.stride(0), dz.stride(0), v_lo, v_hi,
             HAS_BIAS=bias is not None, ROW_TEMP=row_temp, EVEN_K=D % cfg["BLOCK_K"] == 0,
-            PRECISION=dot_precision(hidden.dtype), UPCAST=upcast_dot(hidden.dtype), BLOCK_N=bn, BLOCK_V=bv, NUM_STAGES=cfg.get("num_stages", 2), **cfg,
+            PRECISION=dot_precision(hidden.dtype), UPCAST=upcast_dot(hidden.dtype),
+            BLOCK_N=bn, BLOCK_V=bv, NUM_STAGES=cfg.get("num_stages", 2), **cfg,
         )
         d = dz[:, : v_hi - v_lo]
         if need_w:

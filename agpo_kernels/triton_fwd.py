@@ -129,7 +129,8 @@ def fwd_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         inv_t if row_temp else hidden, part, 1.0 if row_temp else float(inv_t),
         N, V, D, hidden.stride(0), weight.stride(0), n_split, v_per_split,
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, EVEN_K=D % cfg["BLOCK_K"] == 0,
-        PRECISION=dot_precision(hidden.dtype), UPCAST=upcast_dot(hidden.dtype), BLOCK_N=bn, BLOCK_V=bv, NUM_STAGES=cfg.get("num_stages", 2), **cfg,
+        PRECISION=dot_precision(hidden.dtype), UPCAST=upcast_dot(hidden.dtype),
+        BLOCK_N=bn, BLOCK_V=bv, NUM_STAGES=cfg.get("num_stages", 2), **cfg,
     )
     return combine_partials(part)
 
