@@ -22,7 +22,8 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               temperature=1.0, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
               kl_estimator: str = "k3", entropy_coef: float = 0.0, dual_clip: float | None = None,
               loss_agg: str = "token-mean", bias: torch.Tensor | None = None, impl: str = "auto",
-              max_len: int | None = None, memory_budget: int | None = None):
+              max_len: int | None = None, memory_budget: int | None = None,
+              kl_ratio_weight: bool = False):
     """AGPO / GRPO clipped policy loss computed from hidden states.
 
     Args:
@@ -37,7 +38,9 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         eps_low, eps_high: clip range, a float or a per-sequence tensor (eps_high None:
             equal to eps_low).
         temperature: a float or a per-sequence tensor; logits are divided by it.
-        beta, kl_estimator: weight and estimator ("k1", "k2", "k3") of the reference KL.
+        beta, kl_estimator: weight and estimator ("k1", "k2", "k3") of the reference KL;
+            ``kl_ratio_weight=True`` multiplies each token's KL by its importance ratio
+            (off-policy bias correction, TRL's ``use_bias_correction_kl``).
         entropy_coef: weight of the entropy bonus; dual_clip: c > 1 caps the loss of
             negative-advantage tokens at ``-c A`` (None: off).
         loss_agg: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum-norm"
@@ -59,7 +62,8 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     logp, ent = linear_stats(flat.hidden, weight, bias, flat.targets, flat.temperature,
                              impl=impl, memory_budget=memory_budget)
     loss, metrics = agpo_objective(logp, ent, flat, beta=beta, kl_estimator=kl_estimator,
-                                   entropy_coef=entropy_coef, dual_clip=dual_clip)
+                                   entropy_coef=entropy_coef, dual_clip=dual_clip,
+                                   kl_ratio_weight=kl_ratio_weight)
     metrics["logp"] = scatter_tokens(logp.detach(), flat.index, flat.out_shape)
     metrics["entropy"] = scatter_tokens(ent.detach(), flat.index, flat.out_shape)
     return loss, metrics
@@ -75,12 +79,13 @@ class AGPOLoss(nn.Module):
     def __init__(self, *, eps_low=0.2, eps_high=None, beta: float = 0.0, kl_estimator: str = "k3",
                  entropy_coef: float = 0.0, dual_clip: float | None = None,
                  loss_agg: str = "token-mean", temperature=1.0, impl: str = "auto",
-                 max_len: int | None = None, memory_budget: int | None = None):
+                 max_len: int | None = None, memory_budget: int | None = None,
+                 kl_ratio_weight: bool = False):
         super().__init__()
         self.options = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl_estimator=kl_estimator,
                             entropy_coef=entropy_coef, dual_clip=dual_clip, loss_agg=loss_agg,
                             temperature=temperature, impl=impl, max_len=max_len,
-                            memory_budget=memory_budget)
+                            memory_budget=memory_budget, kl_ratio_weight=kl_ratio_weight)
 
     def forward(self, hidden, weight, targets, advantages, old_logp, *, mask=None, cu_seqlens=None,
                 ref_logp=None, bias=None, **overrides):

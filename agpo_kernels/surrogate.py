@@ -46,8 +46,12 @@ def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip=None):
     return surr, ratio, clipped
 
 
-def agpo_objective(logp, entropy, flat, *, beta, kl_estimator, entropy_coef, dual_clip):
+def agpo_objective(logp, entropy, flat, *, beta, kl_estimator, entropy_coef, dual_clip,
+                   kl_ratio_weight=False):
     """Loss ``sum_t w_t * l_tok_t`` and detached scalar metrics from per-token logp/H.
+
+    ``kl_ratio_weight`` multiplies the per-token KL by the importance ratio (the
+    off-policy correction of DeepSeek-V3.2, TRL's ``use_bias_correction_kl``).
 
     ``flat`` is the per-token view built by ``_inputs.flatten_loss_inputs``.
     """
@@ -61,6 +65,8 @@ def agpo_objective(logp, entropy, flat, *, beta, kl_estimator, entropy_coef, dua
     kl = None
     if flat.ref_logp is not None:
         kl = kl_penalty(logp, flat.ref_logp, kl_estimator)
+        if kl_ratio_weight:
+            kl = kl * ratio
         if beta:
             l_tok = l_tok + beta * kl
     if entropy_coef:

@@ -47,7 +47,7 @@ args = GRPOConfig(
     logging_steps=1, learning_rate=1e-3,
     loss_type="dapo",              # -> agpo_loss(loss_agg="token-mean"), TRL's normaliser
     beta=0.04,                     # k3 KL to the reference model
-    use_bias_correction_kl=False,  # plain k3 (the fused loss has no IS-weighted KL; True falls back)
+    use_bias_correction_kl=True,   # TRL's default: k3 weighted by the ratio (kl_ratio_weight=True)
 )
 trainer = AGPOGRPOTrainer(
     model=model_dir, reward_funcs=digit_reward, args=args, train_dataset=dataset,

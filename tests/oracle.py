@@ -25,7 +25,7 @@ def oracle_stats(hidden, weight, bias, targets, temperature):
 
 def oracle_loss(hidden, weight, targets, adv, old, mask, *, eps_low, eps_high, temperature,
                 ref=None, beta=0.0, kl="k3", ent_coef=0.0, dual_clip=None, agg="token-mean",
-                bias=None, max_len=None):
+                bias=None, max_len=None, kl_ratio_weight=False):
     """Padded layout: hidden [B, T, D]; per-sequence adv/eps/temperature as [B] tensors."""
     B, T = targets.shape
     col = lambda v: (v if isinstance(v, torch.Tensor) else torch.full((B,), float(v))).double().reshape(B, 1)
@@ -43,6 +43,8 @@ def oracle_loss(hidden, weight, targets, adv, old, mask, *, eps_low, eps_high, t
     if ref is not None:
         d = logp - ref.double()
         kl_t = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1}[kl]
+        if kl_ratio_weight:
+            kl_t = kl_t * ratio
         l = l + beta * kl_t
     l = l - ent_coef * ent
     m = mask.double()

@@ -76,6 +76,7 @@ OPTION_SETS = [
     dict(eps_high=0.28, beta=0.05, kl="k3"),
     dict(beta=0.1, kl="k1", ent_coef=0.01),
     dict(beta=0.1, kl="k2", dual_clip=3.0),
+    dict(beta=0.2, kl="k3", kl_ratio_weight=True),
     dict(agg="seq-mean-token-mean", ent_coef=0.02, per_seq_eps=True),
     dict(agg="seq-mean-token-sum-norm", per_seq_eps=True, beta=0.03),
 ]
@@ -88,7 +89,8 @@ def run_loss(p, impl, opts, ins, *, packed=False):
     kw = dict(eps_low=eps_low, eps_high=eps_high, temperature=p["temp"],
               ref_logp=p["ref"] if "beta" in opts else None, beta=opts.get("beta", 0.0),
               kl_estimator=opts.get("kl", "k3"), entropy_coef=opts.get("ent_coef", 0.0),
-              dual_clip=opts.get("dual_clip"), loss_agg=opts.get("agg", "token-mean"))
+              dual_clip=opts.get("dual_clip"), loss_agg=opts.get("agg", "token-mean"),
+              kl_ratio_weight=opts.get("kl_ratio_weight", False))
     b = ins[2] if len(ins) == 3 else None
     if not packed:
         loss, m = agpo_loss(ins[0], ins[1], p["y"], p["adv"], p["old"], mask=p["mask"], bias=b,
@@ -107,7 +109,8 @@ def run_loss(p, impl, opts, ins, *, packed=False):
                               temperature=p["temp"], ref=kw["ref_logp"], beta=kw["beta"],
                               kl=kw["kl_estimator"], ent_coef=kw["entropy_coef"],
                               dual_clip=kw["dual_clip"], agg=kw["loss_agg"],
-                              bias=o_ins[2] if b is not None else None)
+                              bias=o_ins[2] if b is not None else None,
+                              kl_ratio_weight=kw["kl_ratio_weight"])
     return loss, m, o_loss, o_m, o_ins
 
 

@@ -82,6 +82,8 @@ def make_batch(trainer, seed=0):
         logp, _ = trainer.policy_token_stats(batch)
     g = torch.Generator().manual_seed(seed)
     batch["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    if "ref_per_token_logps" in batch:  # the reference equals the fresh policy: make the KL non-zero
+        batch["ref_per_token_logps"] = batch["ref_per_token_logps"] + 0.3 * torch.randn(logp.shape, generator=g)
     batch["completion_mask"] = batch["completion_mask"].clone()
     batch["completion_mask"][-1, ids.size(1) // 2:] = 0  # a short completion
     batch["completion_mask"][-2] = 0  # and an empty one (TRL's mean over sequences counts it)
@@ -96,9 +98,12 @@ def loss_and_grads(fn, trainer, batch):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("bnpo", 0.04), ("dr_grpo", 0.0), ("dapo", 0.04)])
-def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, loss_type, beta):
-    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, loss_type=loss_type, beta=beta)
+@pytest.mark.parametrize("loss_type,beta,kl_fix", [("grpo", 0.0, False), ("bnpo", 0.04, False),
+                                                   ("dr_grpo", 0.0, False), ("dapo", 0.04, False),
+                                                   ("dapo", 0.2, True)])
+def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, loss_type, beta, kl_fix):
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, loss_type=loss_type, beta=beta,
+                           use_bias_correction_kl=kl_fix)
     assert trainer.agpo_fallback is None
     batch = make_batch(trainer)
     assert (beta > 0) == ("ref_per_token_logps" in batch)

@@ -18,8 +18,8 @@ gradients equal TRL's own (``_compute_loss``):
 travel through TRL's shuffle/split with the rest of the batch); old and reference
 log-probs in the batch must be at the same per-sequence temperature. Configurations the
 fused loss does not express (other loss types, sequence-level importance sampling,
-``delta``, off-policy masks, entropy masks/bonus, vLLM IS correction, KL bias
-correction, MoE aux loss, multimodal inputs, logit scaling/softcapping) fall back to
+``delta``, off-policy masks, entropy masks/bonus, vLLM IS correction, MoE aux loss,
+multimodal inputs, logit scaling/softcapping) fall back to
 TRL's own loss, with a warning at construction.
 
 ``AGPOControllerCallback`` attaches ``agpo.controllers.AGPOController`` to the trainer:
@@ -104,7 +104,6 @@ class AGPOGRPOTrainer(GRPOTrainer):
             (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1"),
             (getattr(self, "_entropy_bonus_enabled", False), "entropy bonus"),
             (self.use_vllm and self.vllm_importance_sampling_correction, "vLLM importance-sampling correction"),
-            (self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False), "use_bias_correction_kl"),
             (self.aux_loss_enabled, "MoE router aux loss"),
             (getattr(cfg, "final_logit_softcapping", None) is not None, "final_logit_softcapping"),
             (any(getattr(cfg, k, None) not in (None, 1.0) for k in
@@ -160,11 +159,15 @@ class AGPOGRPOTrainer(GRPOTrainer):
         loss, metrics = agpo_loss(
             hidden, weight, targets, inputs["advantages"].reshape(-1).float(), old, mask=mask, bias=bias,
             eps_low=eps_low, eps_high=eps_high, temperature=temperature, ref_logp=ref, beta=self.beta,
-            kl_estimator="k3", loss_agg=LOSS_AGG[self.loss_type], max_len=self.max_completion_length,
-            impl=self.agpo_impl)
+            kl_estimator="k3", kl_ratio_weight=self._kl_bias_correction(), loss_agg=LOSS_AGG[self.loss_type],
+            max_len=self.max_completion_length, impl=self.agpo_impl)
         loss = self._rescale(loss, inputs, mask, mode)
         self._log_agpo_metrics(metrics, old, ref, mask, inputs["advantages"], eps_low, eps_high, mode)
         return loss
+
+    def _kl_bias_correction(self) -> bool:
+        """TRL's ``use_bias_correction_kl``: the k3 KL weighted by the importance ratio."""
+        return bool(getattr(self.args, "use_bias_correction_kl", False))
 
     def _rescale(self, loss, inputs, mask, mode):
         """TRL's normalisation on top of the agpo aggregation."""
@@ -199,7 +202,8 @@ class AGPOGRPOTrainer(GRPOTrainer):
             m = self._metrics[mode]
             if ref is not None:
                 d = ref - logp
-                m["kl"].append(masked_mean(torch.exp(d) - d - 1))
+                kl = torch.exp(d) - d - 1
+                m["kl"].append(masked_mean(kl * torch.exp(logp - old) if self._kl_bias_correction() else kl))
             m["entropy"].append(masked_mean(metrics["entropy"]))
             m["clip_ratio/low_mean"].append(masked_mean(low))
             m["clip_ratio/high_mean"].append(masked_mean(high))
