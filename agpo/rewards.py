@@ -12,7 +12,7 @@ the controllers' vote entropy (SPEC section 1, step 1):
   lower-cased text; "" for an empty text.
 
 Equivalence (``is_equivalent``): equal keys match; two plain numbers are compared exactly
-(no tolerance); anything else goes to ``math-verify`` (``agpo.verifier``: a worker process
+(no tolerance), two plain words as text; anything else goes to ``math-verify`` (``agpo.verifier``: a worker process
 with a deadline, safe in any thread). A verifier failure (timeout, error, not installed)
 scores 0 and is counted in ``verifier_stats()``.
 
@@ -41,6 +41,7 @@ _TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*
 _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_DIGITS = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")  # \frac12
 _DEGREES = re.compile(r"\^\s*\{?\\circ\}?|\\degree|°")
+_WORDS = re.compile(r"[a-z][a-z ]*")
 _VARIABLE_PREFIX = re.compile(r"^[a-zA-Z]\s*=\s*(?=\S)")  # "x = 5"
 
 
@@ -111,9 +112,11 @@ def normalize_answer(ans: str) -> str:
     s = re.sub(r"\s*([()\[\]{}])\s*", r"\1", s)
     s = re.sub(r"\s*,\s*", ", ", s)
     compact = s.replace(" ", "")
-    plain = re.fullmatch(r"\(?(-?[\d.,]+)\)?/\(?([\d.,]+)\)?", compact)
+    plain = re.fullmatch(r"(-?)\(?(-?[\d.,]+)\)?/\(?([\d.,]+)\)?", compact)  # "-(1)/(4)"
     if plain:
-        compact = f"{plain.group(1)}/{plain.group(2)}"
+        sign, num, den = plain.groups()
+        num = num[1:] if sign and num.startswith("-") else sign + num
+        compact = f"{num}/{den}"
     number = _canonical_number(compact)
     if number is not None:
         return number
@@ -159,6 +162,8 @@ def is_equivalent(pred: str, reference: str, *, verifier: MathVerifier | None = 
         return True
     if numeric_value(pk) is not None and numeric_value(rk) is not None:
         return False  # two exact numbers that differ
+    if _WORDS.fullmatch(pk) and _WORDS.fullmatch(rk):
+        return False  # plain words ("paris", "b"): math-verify would read them as products of symbols
     return bool((verifier or DEFAULT_VERIFIER).equivalent(reference, pred))
 
 

@@ -27,6 +27,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field, fields
 
 STARTUP_TIMEOUT_S = 60.0  # importing sympy + math-verify in a fresh interpreter
@@ -112,8 +113,7 @@ class MathVerifier:
                     pass
 
     def _read(self, accept, timeout: float) -> dict | None:
-        """Next worker message satisfying ``accept`` within ``timeout`` s; None on deadline/EOF."""
-        import time
+        """Next worker message satisfying ``accept`` within ``timeout`` s; None on deadline."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
