@@ -223,15 +223,7 @@ def read_file(path: str | Path, kind: str, cfg: DataConfig | None = None) -> lis
     """Problems of a ``gsm8k``, ``math`` or generic (``file``) data file."""
     cfg = cfg or DataConfig(dataset=kind)
     path = Path(path).expanduser()
-    out = []
-    for lineno, row in _rows(path):
-        where = f"{path}:{lineno}"
-        if kind == "gsm8k":
-            out.append(gsm8k_problem(row, where))
-        elif kind in ("math", "math500"):
-            out.append(math_problem(row, where, kind))
-        else:
-            out.append(generic_problem(row, where, cfg, path.name))
+    out = [_problem(row, f"{path}:{lineno}", kind, cfg, path.name) for lineno, row in _rows(path)]
     if not out:
         raise DataError(f"{path}: contains no problems")
     return out
@@ -277,17 +269,17 @@ def load_hf(name: str, config: str | None, split: str) -> list[dict]:
     return list(ds)
 
 
+def _problem(row, where: str, kind: str, cfg: DataConfig, label: str) -> Problem:
+    """One record of a ``gsm8k``, ``math``/``math500`` or generic source."""
+    if kind == "gsm8k":
+        return gsm8k_problem(row, where)
+    if kind in ("math", "math500"):
+        return math_problem(row, where, kind)
+    return generic_problem(row, where, cfg, label)
+
+
 def _from_records(records, kind: str, cfg: DataConfig, label: str) -> list[Problem]:
-    out = []
-    for i, row in enumerate(records):
-        where = f"{label}[{i}]"
-        if kind == "gsm8k":
-            out.append(gsm8k_problem(row, where))
-        elif kind in ("math", "math500"):
-            out.append(math_problem(row, where, kind))
-        else:
-            out.append(generic_problem(row, where, cfg, label))
-    return out
+    return [_problem(row, f"{label}[{i}]", kind, cfg, label) for i, row in enumerate(records)]
 
 
 # -- the dispatcher ----------------------------------------------------------------------
