@@ -119,9 +119,13 @@ def _per_token(name: str, t: torch.Tensor | None, shape: torch.Size, device) -> 
 
 def flatten_loss_inputs(hidden, weight, targets, advantages, old_logp, *, mask, cu_seqlens,
                         eps_low, eps_high, temperature, ref_logp, beta, loss_agg,
-                        max_len=None) -> FlatLoss:
+                        kl_estimator="k3", dual_clip=None, max_len=None) -> FlatLoss:
     """Checks every ``agpo_loss`` argument and returns the flat per-token form."""
     device = hidden.device
+    if kl_estimator not in KL_ESTIMATORS:
+        fail("kl_estimator", f"unknown {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    if dual_clip is not None and not float(dual_clip) > 1.0:
+        fail("dual_clip", f"must be a float > 1 or None, got {dual_clip}")
     if not isinstance(targets, torch.Tensor):
         fail("targets", "expected a tensor")
     if cu_seqlens is None:  # padded layout

@@ -58,7 +58,8 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     flat = flatten_loss_inputs(hidden, weight, targets, advantages, old_logp, mask=mask,
                                cu_seqlens=cu_seqlens, eps_low=eps_low, eps_high=eps_high,
                                temperature=temperature, ref_logp=ref_logp, beta=beta,
-                               loss_agg=loss_agg, max_len=max_len)
+                               loss_agg=loss_agg, kl_estimator=kl_estimator,
+                               dual_clip=dual_clip, max_len=max_len)
     logp, ent = linear_stats(flat.hidden, weight, bias, flat.targets, flat.temperature,
                              impl=impl, memory_budget=memory_budget)
     loss, metrics = agpo_objective(logp, ent, flat, beta=beta, kl_estimator=kl_estimator,

@@ -53,12 +53,9 @@ def agpo_objective(logp, entropy, flat, *, beta, kl_estimator, entropy_coef, dua
     ``kl_ratio_weight`` multiplies the per-token KL by the importance ratio (the
     off-policy correction of DeepSeek-V3.2, TRL's ``use_bias_correction_kl``).
 
-    ``flat`` is the per-token view built by ``_inputs.flatten_loss_inputs``.
+    ``flat`` is the per-token view built by ``_inputs.flatten_loss_inputs``; options are
+    checked there, before any projection work.
     """
-    if kl_estimator not in KL_ESTIMATORS:
-        fail("kl_estimator", f"unknown {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
-    if dual_clip is not None and not float(dual_clip) > 1.0:
-        fail("dual_clip", f"must be a float > 1 or None, got {dual_clip}")
     surr, ratio, clipped = clipped_surrogate(logp, flat.old_logp, flat.adv, flat.eps_low,
                                              flat.eps_high, dual_clip)
     l_tok = -surr
