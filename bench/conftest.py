@@ -13,8 +13,11 @@ def pytest_terminal_summary(terminalreporter):
     benches = getattr(session, "benchmarks", None) if session else None
     if not benches:
         return
-    from report import markdown_table
+    from report import markdown_table, train_table
 
     rows = [dict(name=b.name, median=b.stats.median, extra_info=dict(b.extra_info)) for b in benches]
     terminalreporter.write_line("")
     terminalreporter.write_line(markdown_table(rows))
+    if train_table(rows):
+        terminalreporter.write_line("")
+        terminalreporter.write_line(train_table(rows))

@@ -44,7 +44,24 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def train_table(rows: list[dict]) -> str:
+    """The training-step rows (``extra_info["bench"] == "train_step"``): seconds and
+    tokens/s per phase."""
+    rows = [r for r in rows if r["extra_info"].get("bench") == "train_step"]
+    if not rows:
+        return ""
+    lines = ["| preset | algo | step median s | generate s | score s | update s | generate tok/s | "
+             "score tok/s | update tok/s | generated tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = r["extra_info"]
+        lines.append(f"| {x['preset']} | {x['algo']} | {r['median']:.3f} | {x['generate_s']:.3f} | {x['score_s']:.3f} "
+                     f"| {x['update_s']:.3f} | {x['generate_tokens_per_s']:.0f} | {x['score_tokens_per_s']:.0f} "
+                     f"| {x['update_tokens_per_s']:.0f} | {x['generated_tokens']:.0f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     data = json.load(open(sys.argv[1]))
-    print(markdown_table([dict(median=b["stats"]["median"], extra_info=b["extra_info"])
-                          for b in data["benchmarks"]]))
+    rows = [dict(median=b["stats"]["median"], extra_info=b["extra_info"]) for b in data["benchmarks"]]
+    print(markdown_table(rows))
+    print(train_table(rows))

@@ -1,0 +1,134 @@
+"""Checkpoints: written atomically, found again by ``--resume auto``.
+
+A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNN/`` holding
+
+- ``model/``: the policy as a ``save_pretrained`` folder (safetensors + tokenizer), which
+  ``transformers.AutoModelForCausalLM.from_pretrained`` and ``--model`` both load;
+- ``trainer_state.pt``: optimiser, LR scheduler, controller state, RNG states (Python,
+  NumPy, torch CPU and CUDA), data position, step and token counters and the run config.
+
+It is written to a temporary directory beside its final place and renamed into place, so
+a directory named ``step-*`` is always complete; a crash mid-write leaves only a
+``.tmp-*`` directory, which the next save removes. Older checkpoints beyond
+``keep`` are deleted only after a newer one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+RESUMABLE_CHANGES = {"run": {"resume", "stop_after", "progress", "tensorboard", "out_dir", "eval_every", "eval_size",
+                             "save_every", "keep_checkpoints", "steps", "token_budget"},
+                     "model": {"device", "attn"}}
+"""Config fields a resumed run may change; any other difference is an error."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, read or continued with this config."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, *, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically; returns its directory."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    try:
+        model.save_pretrained(str(tmp / "model"), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "model"))
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+    """The checkpoint ``--resume`` names: ``auto`` = the latest complete one in ``run_dir``
+    (None when there is none: a fresh start), or a ``step-*`` directory."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1][1] if found else None
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); "
+                              f"pass a {checkpoint_dir(run_dir)}/step-* directory or --resume auto")
+    return path
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"--resume {path}: cannot read {STATE_FILE} ({type(e).__name__}: {e})") from e
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+    """Raise if the config differs from the checkpoint's in a field a resume cannot change."""
+    diffs = []
+    for section, values in current.items():
+        old = saved.get(section, {})
+        for key, value in values.items():
+            if key in RESUMABLE_CHANGES.get(section, set()):
+                continue
+            if key in old and old[key] != value:
+                diffs.append(f"{section}.{key}: checkpoint {old[key]!r}, now {value!r}")
+    if diffs:
+        raise CheckpointError("--resume: the run config differs from the checkpoint's in " + "; ".join(diffs)
+                              + ". Resume with the same settings, or start a new run in another --out-dir.")

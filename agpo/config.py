@@ -1,0 +1,379 @@
+"""Run configuration: keyword-only dataclasses, a YAML file and the command line.
+
+``TrainConfig`` holds one section per concern (model, data, rollout, optim, loss,
+controller, warmup, run). Every field is a flag of ``python -m agpo.train`` with the field
+name in kebab case (``group_size`` -> ``--group-size``; booleans get ``--x/--no-x``); the
+names are unique across sections so no flag needs a prefix. ``--config file.yaml`` loads
+a nested mapping (``{optim: {lr: 1e-4}, rollout: {group_size: 8}}``) and flags given on
+the command line override it. ``--algo grpo`` switches both controllers off (plain GRPO,
+no probe); ``--adaptive-clip`` / ``--adaptive-temp`` given explicitly win over ``--algo``,
+which gives the paper's ablations (either controller alone).
+
+Defaults are those of the embedded run (the tiny preset on the ``a+b=`` task, learning on
+a 2-core CPU in minutes); ``resolve_defaults`` fills what depends on the model (warm-up,
+completion length, micro-batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from agpo.controllers import ControllerConfig
+from agpo.data import DataConfig
+
+ALGOS = ("agpo", "grpo")
+SCHEDULES = ("constant", "linear", "cosine")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the flag and the fix."""
+
+
+def _positive(obj, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+                v == 0 and not allow_zero):
+            raise ConfigError(f"--{name.replace('_', '-')}: must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model, on what device and in what precision."""
+
+    model: str = "tiny"
+    """A preset (tiny, smollm2-135m, qwen0.5b, qwen1.5b, qwen7b, qwen14b, llama3-8b, gemma2-9b), a local folder or a hub id."""
+    dtype: str | None = None
+    """float32, bfloat16 or float16 (None: float32 on CPU, the preset's dtype on GPU)."""
+    attn: str | None = None
+    """Attention implementation (None: flash-attn when installed, else SDPA)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (CUDA when available)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass (saves memory on large models)."""
+
+    def __post_init__(self) -> None:
+        if not str(self.model).strip():
+            raise ConfigError("--model: empty; give a preset, a local folder or a hub id")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """How prompts are sampled each step."""
+
+    prompts_per_step: int = 16
+    """Prompts (groups) per training step."""
+    group_size: int = 8
+    """Samples per prompt (G), for the probe group and for the train group."""
+    max_new_tokens: int | None = None
+    """Completion cap (None: the preset's)."""
+    top_p: float = 1.0
+    """Nucleus sampling for rollouts (1.0: plain temperature sampling, as the loss assumes)."""
+    generation_batch_size: int = 0
+    """Rows per ``generate`` call (0: all groups of a phase in one call)."""
+    reward: str = "correct"
+    """Reward function name (agpo.rewards.REWARDS) or module:function."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "prompts_per_step", "group_size", "max_new_tokens")
+        _positive(self, "generation_batch_size", allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p: must lie in (0, 1], got {self.top_p}")
+        if self.group_size < 2:
+            raise ConfigError(f"--group-size: group-relative advantages need at least 2 samples, got {self.group_size}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimiser, schedule and micro-batching of the update phase."""
+
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.99
+    """AdamW beta2."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimiser steps spent in linear LR warm-up."""
+    schedule: str = "constant"
+    """LR after warm-up: constant, linear (to min_lr_ratio) or cosine (to min_lr_ratio)."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak (linear and cosine)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0: no clipping)."""
+    update_epochs: int = 2
+    """Passes over a step's rollouts, one optimiser step each (the paper's code: 4)."""
+    micro_batch_tokens: int | None = None
+    """Padded tokens per forward/backward micro-batch (None: the preset's)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "update_epochs", "micro_batch_tokens")
+        _positive(self, "weight_decay", "grad_clip", "warmup_ratio", allow_zero=True)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio: must lie in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"--min-lr-ratio: must lie in [0, 1], got {self.min_lr_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: must lie in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The policy loss (SPEC section 2); eps comes from the clip controller."""
+
+    beta: float = 0.0
+    """Weight of the KL to the reference policy (the paper: 0.03; 0 needs no reference model)."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    loss_agg: str = "token-mean"
+    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (Dr. GRPO)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages (None: off)."""
+    eps_high_offset: float = 0.0
+    """eps_high = eps + offset (DAPO's clip-higher; 0: symmetric)."""
+    impl: str = "auto"
+    """Fused-loss implementation: auto, triton, torch or reference."""
+    memory_budget: int | None = None
+    """Bytes of scratch the fused head may use per call (None: its default)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "beta", "entropy_coef", "eps_high_offset", allow_zero=True)
+        _positive(self, "memory_budget")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"--kl-estimator: expected k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.loss_agg not in LOSS_AGGS:
+            raise ConfigError(f"--loss-agg: expected one of {', '.join(LOSS_AGGS)}, got {self.loss_agg!r}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ConfigError(f"--dual-clip: must be > 1, got {self.dual_clip}")
+        if self.impl not in ("auto", "triton", "torch", "reference"):
+            raise ConfigError(f"--impl: expected auto, triton, torch or reference, got {self.impl!r}")
+
+
+@dataclass(kw_only=True)
+class WarmupConfig:
+    """Supervised warm-up on the train split before RL (so rewards are not all zero)."""
+
+    sft_steps: int | None = None
+    """Warm-up optimiser steps (None: 300 for the tiny preset on its embedded task, else 0)."""
+    sft_batch_size: int = 64
+    """Problems per warm-up step."""
+    sft_lr: float = 1e-3
+    """Warm-up learning rate (AdamW, constant)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "sft_steps", allow_zero=True)
+        _positive(self, "sft_batch_size", "sft_lr")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Length of the run, output, checkpoints and evaluation."""
+
+    algo: str = "agpo"
+    """agpo (both controllers) or grpo (fixed eps and tau, no probe group)."""
+    steps: int = 100
+    """Training steps (each: probe, rollouts, score, update)."""
+    token_budget: int | None = None
+    """Stop once this many tokens were generated (probe included), to compare methods at equal cost."""
+    seed: int = 0
+    """Seed of model init, data order and sampling."""
+    out_dir: str = "runs/agpo"
+    """Run directory: metrics.jsonl, events.jsonl, checkpoints/, final/."""
+    save_every: int = 0
+    """Checkpoint every k steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept (older ones are deleted once a newer one is written)."""
+    resume: str | None = None
+    """auto (latest complete checkpoint in out_dir, if any) or a checkpoint directory."""
+    stop_after: int | None = None
+    """Leave after this step, with a checkpoint (split a run into jobs; resume with --resume auto)."""
+    eval_size: int = 400
+    """Held-out problems evaluated before and after RL (0: no evaluation)."""
+    eval_every: int = 0
+    """Also evaluate every k steps (0: only before and after)."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to out_dir/tb."""
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ConfigError(f"--algo: expected agpo or grpo, got {self.algo!r}")
+        _positive(self, "steps", "token_budget", "stop_after")
+        _positive(self, "save_every", "eval_size", "eval_every", "seed", allow_zero=True)
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep-checkpoints: must be >= 1, got {self.keep_checkpoints}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "optim": OptimConfig,
+            "loss": LossConfig, "controller": ControllerConfig, "warmup": WarmupConfig, "run": RunConfig}
+_CLI_SKIP = {"data": {"split", "limit", "generator_options"}}
+_CLI_RENAME = {("data", "path"): "data_path", ("data", "seed"): "data_seed", ("data", "size"): "train_size"}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything one run needs; ``to_dict``/``from_dict`` round-trip through YAML."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model and device."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Task (the train split is read for training, the test split for evaluation)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Policy loss."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """AGPO controllers."""
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    """Supervised warm-up."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run length, output, checkpoints."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected a mapping of sections, got {type(d).__name__}")
+        unknown = set(d) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"config: unknown sections {sorted(unknown)}; expected {sorted(SECTIONS)}")
+        parts = {}
+        for name, kind in SECTIONS.items():
+            values = d.get(name) or {}
+            names = {f.name for f in fields(kind)}
+            bad = set(values) - names
+            if bad:
+                raise ConfigError(f"config [{name}]: unknown keys {sorted(bad)}; known: {sorted(names)}")
+            try:
+                parts[name] = kind(**values)
+            except ConfigError:
+                raise
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"config [{name}]: {e}") from e
+        return cls(**parts)
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: cannot read it as YAML ({e})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    return d
+
+
+def _flag_name(section: str, name: str) -> str:
+    return _CLI_RENAME.get((section, name), name)
+
+
+def _resolve(kind, name: str):
+    hints = typing.get_type_hints(kind)
+    tp = hints[name]
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+    return tp, optional
+
+
+def _docs(kind) -> dict[str, str]:
+    """Field docstrings (the string literal after each field) for ``--help``."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(kind)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None),
+                                                                                    ast.Constant):
+            out[a.target.id] = str(b.value.value)
+    return out
+
+
+def _none_or(tp):
+    def parse(s: str):
+        if s.lower() in ("none", "null", ""):
+            return None
+        return tp(s)
+    parse.__name__ = tp.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agpo.train", description=(
+        "AGPO / GRPO training. With no arguments: the tiny preset on the embedded a+b= task, a short "
+        "supervised warm-up, then AGPO; prints held-out accuracy before and after RL."),
+        argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML file with sections " + ", ".join(SECTIONS) + "; flags override it")
+    seen: dict[str, str] = {}
+    for section, kind in SECTIONS.items():
+        group = p.add_argument_group(section)
+        docs = _docs(kind)
+        for f in fields(kind):
+            if f.name in _CLI_SKIP.get(section, ()):
+                continue
+            name = _flag_name(section, f.name)
+            assert name not in seen, f"flag --{name} in both {seen[name]} and {section}"
+            seen[name] = section
+            flag = "--" + name.replace("_", "-")
+            tp, optional = _resolve(kind, f.name)
+            helptext = docs.get(f.name, "")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if tp is bool:
+                group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
+                                   help=f"{helptext} (default {default})")
+            else:
+                group.add_argument(flag, dest=f"{section}.{f.name}", type=_none_or(tp) if optional else tp,
+                                   metavar=tp.__name__.upper(), help=f"{helptext} (default {default})")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse the command line (and ``--config``) into a validated ``TrainConfig``."""
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    base = load_yaml(ns.pop("config")) if "config" in ns else {}
+    base = {k: dict(v or {}) for k, v in base.items()} if isinstance(base, dict) else base
+    for key, value in ns.items():
+        section, name = key.split(".", 1)
+        base.setdefault(section, {})[name] = value
+    # --algo grpo switches the controllers off unless they were set explicitly
+    algo = (base.get("run") or {}).get("algo", "agpo")
+    ctl = base.setdefault("controller", {})
+    if algo == "grpo":
+        ctl.setdefault("adaptive_clip", False)
+        ctl.setdefault("adaptive_temp", False)
+    return TrainConfig.from_dict(base)

@@ -1,0 +1,133 @@
+"""The policy as the trainer sees it: a Hugging Face causal LM whose logits are never formed.
+
+``Policy`` wraps the model and runs only its decoder (backbone) for hidden states; the
+LM-head weight goes to the fused ops of ``agpo_kernels``: ``linear_logprobs`` to score
+rollouts, ``agpo_loss`` to train. Both run inside ``Policy.forward``, so a sharded root
+module (FSDP2, issue 7) has the head weight gathered when the kernel reads it.
+
+A batch (``SequenceBatch``) is the rollout layout: the prompt left-padded to width ``P``,
+the completion right-padded to width ``C``; the hidden state at position ``P - 1 + t``
+predicts completion token ``t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from agpo_kernels import agpo_loss, linear_logprobs
+
+
+class UnsupportedModelError(ValueError):
+    """The model's head does something the fused ops do not compute."""
+
+
+@dataclass
+class SequenceBatch:
+    """Prompt + completion rows, with per-row sampling temperature."""
+
+    prompt_ids: torch.Tensor
+    """[B, P] left-padded prompt ids."""
+    prompt_mask: torch.Tensor
+    """[B, P] 1 on real prompt tokens."""
+    completion_ids: torch.Tensor
+    """[B, C] right-padded sampled ids (EOS included when it was sampled)."""
+    completion_mask: torch.Tensor
+    """[B, C] 1 on the tokens that count (up to and including EOS)."""
+    temperature: torch.Tensor
+    """[B] float32 temperature each row was sampled at."""
+
+    @property
+    def rows(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def select(self, index) -> "SequenceBatch":
+        """Rows ``index`` (a slice or an index tensor), with all-padding columns trimmed."""
+        sub = SequenceBatch(*(t[index] for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
+                                                 self.completion_mask, self.temperature)))
+        keep_p = int(sub.prompt_mask.sum(1).max()) if sub.rows else 0
+        keep_c = int(sub.completion_mask.sum(1).max()) if sub.rows else 0
+        P = sub.prompt_ids.shape[1]
+        return replace(sub, prompt_ids=sub.prompt_ids[:, P - keep_p:], prompt_mask=sub.prompt_mask[:, P - keep_p:],
+                       completion_ids=sub.completion_ids[:, :max(keep_c, 1)],
+                       completion_mask=sub.completion_mask[:, :max(keep_c, 1)])
+
+    def to(self, device) -> "SequenceBatch":
+        return SequenceBatch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.completion_ids,
+                                                      self.completion_mask, self.temperature)))
+
+    def padded_tokens(self) -> int:
+        return self.rows * (self.prompt_ids.shape[1] + self.completion_ids.shape[1])
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(decoder, lm_head)`` of a causal LM (also through a peft wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+    if head is None or decoder is None or decoder is base:
+        raise UnsupportedModelError(f"{type(base).__name__}: cannot find the decoder and the LM head "
+                                    "(expected a *ForCausalLM model)")
+    return decoder, head
+
+
+def check_fused_head(model: nn.Module) -> None:
+    """Refuse heads whose logits are not ``h W^T + b``; Gemma-2's final soft-capping is
+    switched off (with a note) so sampling and training use the same, uncapped policy."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None):
+        print(f"agpo: {type(model).__name__} soft-caps its final logits at {cfg.final_logit_softcapping}; the fused "
+              "head computes plain logits, so soft-capping is switched off for generation and training alike")
+        cfg.final_logit_softcapping = None
+    for name in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            raise UnsupportedModelError(f"{type(model).__name__} scales its logits ({name}={value}); the fused "
+                                        "head does not, so this model family is not supported yet")
+
+
+class Policy(nn.Module):
+    """Decoder + fused LM head; ``forward`` scores (no loss options) or returns the loss."""
+
+    def __init__(self, model: nn.Module, *, impl: str = "auto", memory_budget: int | None = None):
+        super().__init__()
+        check_fused_head(model)
+        self.model = model
+        self.impl = impl
+        self.memory_budget = memory_budget
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _, head = decoder_and_head(self.model)
+        return head.weight, getattr(head, "bias", None)
+
+    def completion_hidden(self, batch: SequenceBatch) -> torch.Tensor:
+        """Final hidden states that predict the completion tokens, ``[B, C, D]``."""
+        decoder, _ = decoder_and_head(self.model)
+        ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+        attn = torch.cat([batch.prompt_mask, batch.completion_mask], 1).long()
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        P, C = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+        return out.last_hidden_state[:, P - 1:P - 1 + C]
+
+    def forward(self, batch: SequenceBatch, loss_args: dict | None = None):
+        """``loss_args`` None: ``(logp, entropy)`` ``[B, C]`` (0 on masked tokens). Else the
+        ``agpo_loss`` keyword arguments besides the batch's own: returns ``(loss, metrics)``."""
+        hidden = self.completion_hidden(batch)
+        weight, bias = self.head()
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        mask = batch.completion_mask.bool()
+        if loss_args is None:
+            temp = batch.temperature.to(hidden.device).view(-1, 1).expand_as(batch.completion_ids)
+            logp = hidden.new_zeros(mask.shape, dtype=torch.float32)
+            ent = torch.zeros_like(logp)
+            if mask.any():  # only the tokens that count are projected
+                logp[mask], ent[mask] = linear_logprobs(hidden[mask], weight, batch.completion_ids[mask], bias=bias,
+                                                        temperature=temp[mask], impl=self.impl,
+                                                        memory_budget=self.memory_budget)
+            return logp, ent
+        return agpo_loss(hidden, weight, batch.completion_ids, mask=mask, temperature=batch.temperature,
+                         bias=bias, impl=self.impl, memory_budget=self.memory_budget, **loss_args)
