@@ -25,6 +25,7 @@ from agpo.data import DataError, load_problems
 from agpo.eval import evaluate
 from agpo.metrics_log import MetricsLogger
 from agpo.models import PRESETS, ModelNotFoundError, load_model_and_tokenizer
+from agpo.policy import Policy
 from agpo.sft import supervised_warmup
 from agpo.trainer import Trainer
 
@@ -73,7 +74,6 @@ def run(cfg: TrainConfig) -> dict:
     train_problems = load_problems(cfg.data, split="train")
     eval_problems = load_problems(cfg.data, split="test", limit=cfg.run.eval_size) if cfg.run.eval_size else []
 
-    from agpo.policy import Policy
     events: dict = dict(saved.get("events", {})) if saved else {}
     if not saved:
         (out / "config.yaml").write_text(_yaml(cfg.to_dict()))
@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(argv)
         run(cfg)
     except (ConfigError, DataError, ModelNotFoundError, ckpt.CheckpointError) as e:
+        print(f"agpo.train: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a bad flag value found while building the run (e.g. --reward)
+        if not str(e).startswith("--"):
+            raise
         print(f"agpo.train: error: {e}", file=sys.stderr)
         return 2
     return 0

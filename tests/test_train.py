@@ -259,6 +259,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, warm):
     (["--model", "/no/such/model/dir"], "--model /no/such/model/dir"),
     (["--dataset", "file"], "--data-path"),
     (["--resume", "/no/such/checkpoint"], "--resume"),
+    (["--reward", "no_such_reward"], "--reward"),
 ])
 def test_bad_flags_give_clear_errors(tmp_path, capsys, argv, message):
     code = main(argv + ["--out-dir", str(tmp_path / "r"), "--no-progress", "--sft-steps", "0", "--eval-size", "0"])
