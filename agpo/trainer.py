@@ -31,7 +31,7 @@ from agpo.controllers import AGPOController
 from agpo.data import Problem, format_prompt, uses_chat_template
 from agpo.eval import PLAIN_STOP
 from agpo.policy import Policy, SequenceBatch
-from agpo.rewards import is_correct, load_reward, score
+from agpo.rewards import correctness_reward, is_correct, load_reward, score
 from agpo.rollout import Rollout, sample_groups
 from agpo.stats import group_vote_entropy
 
@@ -270,7 +270,7 @@ class Trainer:
         self.step_count += 1
         gen_tokens = probe_tokens + roll.generated_tokens
         self.tokens_generated += gen_tokens
-        acc = self._accuracy(problems, roll)
+        acc = self._accuracy(problems, roll, rewards)
         zero_std = (rewards.std(1) if G > 1 else torch.zeros(P)) < 1e-12
         scored = float(batch.completion_mask.sum())
         gen_s = roll.seconds + m.get("time/generate_probe", 0.0)
@@ -293,7 +293,9 @@ class Trainer:
                 [roll.texts[p * G:(p + 1) * G] for p in range(P)]).mean())
         return m
 
-    def _accuracy(self, problems: list[Problem], roll: Rollout) -> float:
+    def _accuracy(self, problems: list[Problem], roll: Rollout, rewards: torch.Tensor) -> float:
+        if self.reward_fn is correctness_reward:  # the reward is already 1.0 exactly when correct
+            return float(rewards.mean())
         G = roll.group_size
         ok = [is_correct(roll.texts[i], problems[i // G].reference) for i in range(len(roll.texts))]
         return sum(ok) / len(ok)
