@@ -60,10 +60,25 @@ class ModelConfig:
     """cpu, cuda, cuda:N or auto (CUDA when available)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (saves memory on large models)."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on the attention and MLP projections (0: full fine-tuning)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (None: the rank, i.e. scaling 1)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    fp32_master: bool = True
+    """Under torchrun on GPUs, full fine-tuning: keep fp32 weights and optimiser state (sharded;
+    loaded in --dtype and upcast layer by layer while sharding) and compute in --dtype,
+    reducing gradients in fp32 (FSDP2 mixed precision)."""
 
     def __post_init__(self) -> None:
         if not str(self.model).strip():
             raise ConfigError("--model: empty; give a preset, a local folder or a hub id")
+        _positive(self, "lora_rank", "lora_dropout", allow_zero=True)
+        _positive(self, "lora_alpha")
+        if isinstance(self.lora_rank, float) or self.lora_dropout >= 1:
+            raise ConfigError(f"--lora-rank / --lora-dropout: expected an int rank >= 0 and a dropout in [0, 1), "
+                              f"got {self.lora_rank!r}, {self.lora_dropout!r}")
 
 
 @dataclass(kw_only=True)
@@ -79,7 +94,8 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling for rollouts (1.0: plain temperature sampling, as the loss assumes)."""
     generation_batch_size: int = 0
-    """Rows per ``generate`` call (0: all groups of a phase in one call)."""
+    """Rows per ``generate`` call (0: all groups of a phase in one call); also the held-out
+    evaluation's batch (0: 64 problems)."""
     reward: str = "correct"
     """Reward function name (agpo.rewards.REWARDS) or module:function."""
 
@@ -211,12 +227,16 @@ class RunConfig:
     """Show a progress bar."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to out_dir/tb."""
+    dist_timeout: float = 1800.0
+    """Seconds any collective may wait under torchrun: a rank that died or hangs makes the others
+    exit with an error after this long (long enough for the slowest rank's rollout phase)."""
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ConfigError(f"--algo: expected agpo or grpo, got {self.algo!r}")
         _positive(self, "steps", "token_budget", "stop_after")
         _positive(self, "save_every", "eval_size", "eval_every", "seed", allow_zero=True)
+        _positive(self, "dist_timeout")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"--keep-checkpoints: must be >= 1, got {self.keep_checkpoints}")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -42,12 +43,15 @@ from torch import nn
 # -- process group ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits: rank, world size, local rank and its device."""
+    """Where this process sits: rank, world size, local rank and its device. ``launched``:
+    started by torchrun with a process group, even of one rank (which then takes the
+    sharded path too: FSDP2 mixed precision on a single GPU)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    launched: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -55,7 +59,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
@@ -70,17 +74,22 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
 def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistEnv:
     """Join the torchrun process group (NCCL on CUDA, gloo on CPU), or run single-process.
 
-    A process group is created only when ``WORLD_SIZE`` > 1 in the environment (torchrun).
-    ``device="cpu"`` forces gloo even where CUDA exists. ``timeout_s`` bounds every
+    A process group is created when torchrun started this process (``RANK`` and
+    ``MASTER_ADDR`` in the environment; ``torchrun --nproc_per_node 1`` included) or
+    ``WORLD_SIZE`` > 1. ``device="cpu"`` forces gloo even where CUDA exists. ``timeout_s`` bounds every
     collective: a rank that dies or stops participating makes the others raise instead of
     hanging forever. Calling it again when the group already exists just returns the env.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if (launched or world_size > 1) and str(device).startswith("cuda:"):
+        raise ValueError(f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda "
+                         f"(choose GPUs with CUDA_VISIBLE_DEVICES)")
     dev = _pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size <= 1:
+    if world_size <= 1 and not launched:
         return DistEnv(0, 1, 0, dev)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -88,7 +97,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistEnv:
         if dev.type == "cuda":
             kwargs["device_id"] = dev                  # eager NCCL init, bound to this GPU
         dist.init_process_group(**kwargs)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, launched=True)
 
 
 def shutdown_distributed() -> None:
@@ -160,8 +169,8 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def shard_model(root: nn.Module, layers: list[nn.Module], *, param_dtype: torch.dtype | None = None,
-                reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True,
-                mesh=None) -> nn.Module:
+                reduce_dtype: torch.dtype | None = torch.float32, master_dtype: torch.dtype | None = None,
+                reshard_after_forward: bool = True, mesh=None) -> nn.Module:
     """FSDP2: ``fully_shard`` every decoder layer, then ``root`` (in place; returns root).
 
     ``root`` is the module whose ``forward`` the trainer calls (e.g. ``agpo.policy.Policy``
@@ -174,23 +183,54 @@ def shard_model(root: nn.Module, layers: list[nn.Module], *, param_dtype: torch.
     Mixed precision only when ``param_dtype`` is given: the sharded parameters stay in
     their storage dtype (fp32 master weights for training), are all-gathered and computed
     in ``param_dtype`` (bf16 on GPUs), and gradients are reduce-scattered in
-    ``reduce_dtype``. Call :func:`apply_activation_checkpointing` before this, and create
+    ``reduce_dtype``. ``master_dtype`` (e.g. fp32 for a model loaded in bf16) casts the
+    parameters one layer at a time just before that layer is sharded, so a rank never holds
+    more than the loaded model plus one layer in the master dtype (a 14B model: 27.5 GiB of
+    bf16 host memory per rank instead of 55 GiB of fp32); the shards then hold exactly the
+    loaded values. Call :func:`apply_activation_checkpointing` before this, and create
     the optimizer after it (its parameters are the sharded DTensors). Gradients are
-    averaged over ranks (see the trainer's loss scaling).
+    averaged over ranks (see the trainer's loss scaling). ``mesh``: a 1-D device mesh over
+    the ranks (default: the accelerator's, so pass :func:`device_mesh` for ranks on CPU on
+    a machine with a GPU).
     """
     _, MixedPrecisionPolicy, fully_shard = _fsdp()
     kwargs: dict[str, Any] = {}
     if mesh is not None:
         kwargs["mesh"] = mesh
+    root_kwargs = dict(kwargs)
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        # the root's inputs stay as given: the loss's fp32 old/ref log-probs, advantages,
+        # clip ranges and temperatures must not be rounded to param_dtype
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                                        cast_forward_inputs=False)
     for layer in layers:
+        _cast_unsharded(layer, master_dtype)
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
         layer._agpo_reshard_after_forward = reshard_after_forward
     # The root is only resharded after backward: its params are needed again right away.
-    fully_shard(root, reshard_after_forward=False, **kwargs)
+    _cast_unsharded(root, master_dtype)
+    fully_shard(root, reshard_after_forward=False, **root_kwargs)
     root._agpo_reshard_after_forward = False
     return root
+
+
+def device_mesh(env: DistEnv):
+    """The 1-D mesh over all ranks on ``env``'s device type (FSDP's default mesh follows
+    the accelerator even when the ranks run on CPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(env.device.type, (env.world_size,))
+
+
+def _cast_unsharded(module: nn.Module, dtype: torch.dtype | None) -> None:
+    """Floating-point parameters of ``module`` not yet sharded (not DTensors) to ``dtype``,
+    in place (a tied parameter is one object: cast once)."""
+    if dtype is None:
+        return
+    from torch.distributed.tensor import DTensor
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not isinstance(p, DTensor):
+            p.data = p.data.to(dtype)
 
 
 def apply_activation_checkpointing(layers: nn.ModuleList) -> nn.ModuleList:
@@ -292,13 +332,38 @@ def _fresh_tmp(path: Path) -> Path:
     return tmp
 
 
+def _sd_options(trainable_only: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every save/load without a process group; one process is a supported
+    case here (a laptop run, a resume at world size 1), so keep the console clean."""
+    with warnings.catch_warnings():
+        if not _is_dist():
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
+
+
+def _model_state(model: nn.Module, msd: dict, trainable_only: bool) -> dict:
+    """``msd`` without frozen parameters when ``trainable_only`` (DCP's option keeps a
+    frozen parameter tied to another name, e.g. a tied LM head, under that name)."""
+    if not trainable_only:
+        return msd
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in msd.items() if k not in frozen}
+
+
 def save_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, trainable_only: bool = False) -> None:
     """Sharded checkpoint (DCP) of model + optimizer, plus ``extra`` (picklable, from rank 0).
 
     Collective. Written to ``<path>.tmp`` and renamed to ``path`` by rank 0 once every rank
     has finished, so ``path`` is always a complete checkpoint. Needs a filesystem shared by
-    all ranks. Loadable at any world size (:func:`load_sharded`).
+    all ranks. Loadable at any world size (:func:`load_sharded`). ``trainable_only``: leave
+    out frozen parameters (a LoRA run's base weights, which the run can rebuild).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -306,12 +371,14 @@ def save_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     path = Path(path)
     reshard_all(model)
     tmp = _fresh_tmp(path)
+    opts = _sd_options(trainable_only)
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+        state = {"model": _model_state(model, msd, trainable_only), "optim": osd}
     else:
-        state = {"model": get_model_state_dict(model)}
-    dcp.save(state, checkpoint_id=str(tmp))
+        state = {"model": _model_state(model, get_model_state_dict(model, options=opts), trainable_only)}
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(tmp))
     if _rank() == 0:
         torch.save({"extra": extra, "world_size": dist.get_world_size() if _is_dist() else 1},
                    tmp / "extra.pt")
@@ -321,25 +388,30 @@ def save_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     _barrier()
 
 
-def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict | None:
+def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 trainable_only: bool = False) -> dict | None:
     """Load a :func:`save_sharded` checkpoint into ``model`` / ``optimizer`` in place (any
-    world size: DCP reshards on load). Collective. Returns the saved ``extra``."""
+    world size: DCP reshards on load). Collective. Returns the saved ``extra``.
+    ``trainable_only`` as it was saved with (frozen parameters keep their values)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                          set_model_state_dict, set_state_dict)
 
     path = Path(path)
     reshard_all(model)
+    opts = _sd_options(trainable_only)
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)    # also materialises empty Adam state
-        state = {"model": msd, "optim": osd}
+        msd, osd = get_state_dict(model, optimizer, options=opts)    # also materialises empty Adam state
+        state = {"model": _model_state(model, msd, trainable_only), "optim": osd}
     else:
-        state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+        state = {"model": _model_state(model, get_model_state_dict(model, options=opts), trainable_only)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
     if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=opts)
     else:
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=opts)
     meta = torch.load(path / "extra.pt", weights_only=False) if _rank() == 0 else None
     if _is_dist():
         box = [meta]
@@ -366,16 +438,41 @@ def full_state_dict(root: nn.Module, hf_model: nn.Module) -> dict[str, torch.Ten
     if prefix is None:
         raise ValueError("hf_model is not a submodule of the given root")
     prefix = prefix + "." if prefix else ""
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    for alias in _tied_aliases(base):
+        out.pop(alias, None)                            # tied: HF re-ties it on load
+    return out
 
 
-def export_hf(model_or_root: nn.Module, hf_model: nn.Module, tokenizer, path, env: DistEnv) -> None:
+def _tied_aliases(module: nn.Module) -> list[str]:
+    """Names of parameters that are the same tensor as an earlier-named one (tied
+    embeddings): a gathered state dict holds them as separate copies."""
+    first: dict[int, str] = {}
+    aliases = []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases.append(name)
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _set_config_dtype(config_json: Path, dtype: torch.dtype) -> None:
+    import json
+    conf = json.loads(config_json.read_text())
+    conf["dtype"] = str(dtype).removeprefix("torch.")
+    config_json.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+
+
+def export_hf(model_or_root: nn.Module, hf_model: nn.Module, tokenizer, path, env: DistEnv, *,
+              dtype: torch.dtype | None = None) -> None:
     """Write a standard HF checkpoint (safetensors + config + tokenizer) of the current
     weights to ``path``, loadable by ``AutoModelForCausalLM.from_pretrained(path)``.
 
     Collective: every rank takes part in gathering the full state dict (on CPU); rank 0
     writes it to ``<path>.tmp`` and renames. LoRA adapters (a peft ``hf_model``) are
     merged into the base weights; the exported model is the plain base architecture.
+    ``dtype``: cast floating-point weights to it (fp32 master weights exported in bf16).
     """
     sd = full_state_dict(model_or_root, hf_model)
     path = Path(path)
@@ -383,11 +480,17 @@ def export_hf(model_or_root: nn.Module, hf_model: nn.Module, tokenizer, path, en
         if any(".lora_" in k for k in sd):
             from .lora import merged_state_for_export
             sd = merged_state_for_export(hf_model, sd)
+        if dtype is not None:
+            for k, v in sd.items():                    # one tensor at a time: no second full copy
+                if v.is_floating_point():
+                    sd[k] = v.to(dtype)
         base = _base_hf_model(hf_model)
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         base.save_pretrained(str(tmp), state_dict=sd)
+        if dtype is not None:                           # transformers records the live (master) dtype
+            _set_config_dtype(tmp / "config.json", dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _swap_into_place(tmp, path)

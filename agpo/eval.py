@@ -85,7 +85,9 @@ def generate_completions(model, tokenizer, prompts: list[str], *, samples: int =
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=add_special_tokens).to(device)
-            out = model.generate(**enc, generation_config=gen_cfg)
+            # synced_gpus=False: under FSDP the model is gathered (agpo.parallel), so ranks may
+            # make different numbers of calls; transformers would otherwise sync every token
+            out = model.generate(**enc, generation_config=gen_cfg, synced_gpus=False)
             new = out[:, enc["input_ids"].shape[1]:].cpu()
             is_eos = torch.isin(new, eos_ids) if len(eos_ids) else torch.zeros_like(new, dtype=torch.bool)
             ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1]))

@@ -27,9 +27,12 @@ import time
 
 import torch
 
+from agpo import checkpoint as ckpt
 from agpo.controllers import AGPOController
 from agpo.data import Problem, format_prompt, uses_chat_template
-from agpo.eval import PLAIN_STOP
+from agpo.distributed import DistEnv, all_reduce_sum, gather_objects
+from agpo.eval import PLAIN_STOP, evaluate
+from agpo.parallel import prepare_layout
 from agpo.policy import Policy, SequenceBatch
 from agpo.rewards import correctness_reward, is_correct, load_reward, score
 from agpo.rollout import Rollout, sample_groups
@@ -125,22 +128,29 @@ def _stats(prefix: str, t: torch.Tensor) -> dict[str, float]:
 
 
 class Trainer:
-    """Holds model, optimiser, controller and data position; ``step()`` runs one step."""
+    """Holds the policy layout, optimiser, controller and data position; ``step()`` runs one
+    step. Under torchrun every rank builds one and calls the same methods in the same order:
+    each takes a contiguous block of the step's prompts (groups stay whole on one rank), and
+    the controllers run on the gathered, global batch, so every rank holds the same state."""
 
-    def __init__(self, cfg, model, tokenizer, train_problems: list[Problem], *, ref_model=None):
+    def __init__(self, cfg, model, tokenizer, train_problems: list[Problem], *, ref_model=None,
+                 env: DistEnv | None = None, compute_dtype: torch.dtype | None = None):
         self.cfg = cfg
-        self.model, self.tokenizer, self.ref_model = model, tokenizer, ref_model
-        self.device = next(model.parameters()).device
-        self.policy = Policy(model, impl=cfg.loss.impl, memory_budget=cfg.loss.memory_budget)
-        self.ref_policy = Policy(ref_model, impl=cfg.loss.impl, memory_budget=cfg.loss.memory_budget) \
-            if ref_model is not None else None
-        if cfg.loss.beta > 0 and ref_model is None:
+        self.env = env or DistEnv(0, 1, 0, next(model.parameters()).device)
+        if cfg.rollout.prompts_per_step % self.env.world_size:
+            raise ValueError(f"--prompts-per-step {cfg.rollout.prompts_per_step}: must be a multiple of the world "
+                             f"size {self.env.world_size} (each rank takes whole groups)")
+        if cfg.loss.beta > 0 and ref_model is None and cfg.model.lora_rank == 0:
             raise ValueError("--beta > 0 needs a reference model")
+        self.layout = prepare_layout(cfg, model, self.env, ref_model=ref_model, compute_dtype=compute_dtype)
+        self.model, self.tokenizer = self.layout.model, tokenizer
+        self.policy = self.layout.policy
+        self.device = self.env.device
         self.controller = AGPOController(cfg.controller)
         self.sampler = PromptSampler(train_problems, cfg.run.seed)
         self.reward_fn = load_reward(cfg.rollout.reward)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        self.optimizer = torch.optim.AdamW(self.layout.trainable_parameters(), lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay,
                                            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
         total = cfg.run.steps * cfg.optim.update_epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -149,17 +159,41 @@ class Trainer:
         self.tokens_generated = 0
         self.chat = uses_chat_template(tokenizer)
 
+    # -- ranks -------------------------------------------------------------------------
+    def _block(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items (``n`` divisible by the world size)."""
+        per = n // self.env.world_size
+        return slice(self.env.rank * per, (self.env.rank + 1) * per)
+
+    def _gather(self, obj) -> list:
+        return gather_objects(obj, self.env)
+
+    def _cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank blocks of ``t`` (dim 0) joined in rank order: the global tensor."""
+        return torch.cat(self._gather(t.cpu())) if self.env.distributed else t
+
+    def _same_count(self, groups: list) -> list:
+        """Pad this rank's micro-batch list to the largest count over ranks with ``None``:
+        every forward/backward of a sharded model is collective."""
+        if not self.env.distributed:
+            return groups
+        most = max(self._gather(len(groups)))
+        return groups + [None] * (most - len(groups))
+
     # -- phases ------------------------------------------------------------------------
     def _prompts(self, problems: list[Problem]) -> tuple[list[str], str | None]:
         prompts = [format_prompt(p, self.tokenizer) for p in problems]
         plain = not self.chat and not all(p.verbatim for p in problems)
         return prompts, (PLAIN_STOP if plain else None)
 
-    def _sample(self, prompts, stop, tau) -> Rollout:
+    def _sample(self, prompts, stop, tau, *, phase: int, first_prompt: int) -> Rollout:
+        """One phase's samples; the noise depends on (seed, step, phase, global row) only."""
         r = self.cfg.rollout
-        return sample_groups(self.model, self.tokenizer, prompts, tau, group_size=r.group_size,
-                             max_new_tokens=r.max_new_tokens, top_p=r.top_p, batch_rows=r.generation_batch_size,
-                             add_special_tokens=not self.chat, stop=stop)
+        with self.layout.generation() as model:
+            return sample_groups(model, self.tokenizer, prompts, tau, group_size=r.group_size,
+                                 max_new_tokens=r.max_new_tokens, top_p=r.top_p, batch_rows=r.generation_batch_size,
+                                 add_special_tokens=not self.chat, stop=stop, seed=self.cfg.run.seed,
+                                 stream=2 * self.step_count + phase, row_offset=first_prompt * r.group_size)
 
     def _rewards(self, problems: list[Problem], prompts: list[str], roll: Rollout) -> torch.Tensor:
         G = roll.group_size
@@ -172,31 +206,38 @@ class Trainer:
         """Per-token ``(logp, entropy)`` ``[R, C]`` of a rollout batch, micro-batched."""
         logp = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
         ent = torch.zeros_like(logp)
-        for idx in micro_batches(batch, 2 * self.cfg.optim.micro_batch_tokens):
-            mb = batch.select(idx)
+        groups = micro_batches(batch, 2 * self.cfg.optim.micro_batch_tokens)
+        for idx in self._same_count(groups):
+            mb = batch.select(groups[0] if idx is None else idx)
             lp, h = policy(mb.to(self.device))
-            C = mb.completion_ids.shape[1]
-            logp[idx, :C], ent[idx, :C] = lp.float().cpu(), h.float().cpu()
+            if idx is not None:
+                C = mb.completion_ids.shape[1]
+                logp[idx, :C], ent[idx, :C] = lp.float().cpu(), h.float().cpu()
+        self.layout.release()
         return logp, ent
 
-    def _scale(self, batch: SequenceBatch, idx: torch.Tensor) -> float:
+    def _share(self, batch: SequenceBatch, idx: torch.Tensor, total: dict[str, float]) -> float:
+        """Micro-batch ``idx``'s weight in the global loss: its share of all ranks' tokens
+        (token-mean) or sequences (the sequence aggregations)."""
         if self.cfg.loss.loss_agg == "token-mean":
-            return float(batch.completion_mask[idx].sum()) / max(1.0, float(batch.completion_mask.sum()))
-        return len(idx) / batch.rows
+            return float(batch.completion_mask[idx].sum()) / max(1.0, total["tokens"])
+        return len(idx) / total["rows"]
 
     def update(self, batch: SequenceBatch, adv: torch.Tensor, eps: torch.Tensor, old_logp: torch.Tensor,
                ref_logp: torch.Tensor | None) -> dict[str, float]:
         """``update_epochs`` optimiser steps on one rollout batch; per-row ``adv``, ``eps``."""
-        cfg = self.cfg
-        self.model.train()
+        cfg, world = self.cfg, self.env.world_size
+        self.policy.train()
         groups = micro_batches(batch, cfg.optim.micro_batch_tokens)
-        tok = float(batch.completion_mask.sum())
+        total = all_reduce_sum({"tokens": float(batch.completion_mask.sum()), "rows": float(batch.rows)}, self.env)
         sums = {"clip_frac": 0.0, "ratio_mean": 0.0, "kl_mean": 0.0}
         losses, norms = [], []
         for _ in range(cfg.optim.update_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             epoch_loss = 0.0
-            for idx in groups:
+            for idx in self._same_count(groups):
+                real = idx is not None
+                idx = idx if real else groups[0]  # a zero-weight pass keeps the ranks' collectives paired
                 mb = batch.select(idx)
                 C = mb.completion_ids.shape[1]
                 args = dict(advantages=adv[idx].to(self.device), old_logp=_cols(old_logp[idx], C).to(self.device),
@@ -207,20 +248,24 @@ class Trainer:
                 if ref_logp is not None:
                     args["ref_logp"] = _cols(ref_logp[idx], C).to(self.device)
                 loss, m = self.policy(mb.to(self.device), args)
-                w = self._scale(batch, idx)
-                (loss * w).backward()
-                epoch_loss += float(loss.detach()) * w
-                share = float(mb.completion_mask.sum()) / tok / cfg.optim.update_epochs
-                for k in sums:
-                    sums[k] += float(m[k]) * share
-            params = [p for p in self.model.parameters() if p.grad is not None]
+                w = self._share(batch, idx, total) if real else 0.0
+                (loss * (w * world)).backward()  # FSDP averages gradients over ranks
+                if real:
+                    epoch_loss += float(loss.detach()) * w
+                    share = float(mb.completion_mask.sum()) / max(1.0, total["tokens"]) / cfg.optim.update_epochs
+                    for k in sums:
+                        sums[k] += float(m[k]) * share
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.optimizer.param_groups[0]["params"]
+                                                   if p.grad is not None], clip)
+            norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             self.optimizer.step()
             self.scheduler.step()
             losses.append(epoch_loss)
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.eval()
+        self.policy.eval()
+        losses = [all_reduce_sum({"l": v}, self.env)["l"] for v in losses]
+        sums = all_reduce_sum(sums, self.env)
         out = {"loss/policy": losses[0], "loss/policy_last": losses[-1], "loss/clip_frac": sums["clip_frac"],
                "loss/ratio_mean": sums["ratio_mean"], "optim/grad_norm": sum(norms) / len(norms),
                "optim/lr": self.scheduler.get_last_lr()[0]}
@@ -232,84 +277,136 @@ class Trainer:
     def step(self) -> dict[str, float]:
         cfg, ctl, G = self.cfg, self.controller, self.cfg.rollout.group_size
         t_step = time.perf_counter()
-        problems = self.sampler.next(cfg.rollout.prompts_per_step)
-        prompts, stop = self._prompts(problems)
+        problems = self.sampler.next(cfg.rollout.prompts_per_step)  # the same list on every rank
         P = len(problems)
+        mine = self._block(P)
+        problems = problems[mine]
+        prompts, stop = self._prompts(problems)
         m: dict[str, float] = {}
         probe_tokens = 0
         if cfg.controller.needs_probe:
-            probe = self._sample(prompts, stop, torch.full((P,), cfg.controller.tau_base))
-            probe_rewards = self._rewards(problems, prompts, probe)
-            tau = ctl.probe_step(probe_rewards, [probe.texts[p * G:(p + 1) * G] for p in range(P)])
+            probe = self._sample(prompts, stop, torch.full((len(problems),), cfg.controller.tau_base),
+                                 phase=0, first_prompt=mine.start)
+            pieces = self._gather((self._rewards(problems, prompts, probe), probe.texts))
+            probe_rewards = torch.cat([r for r, _ in pieces])
+            probe_texts = [t for _, texts in pieces for t in texts]
+            tau = ctl.probe_step(probe_rewards, [probe_texts[p * G:(p + 1) * G] for p in range(P)])
             probe_tokens = probe.generated_tokens
             m.update({"probe/reward_mean": float(probe_rewards.mean()), "time/generate_probe": probe.seconds,
                       "probe/vote_entropy": ctl.metrics()["probe/entropy"]})
         else:
             tau = torch.full((P,), cfg.controller.tau_base)
-        roll = self._sample(prompts, stop, tau)
+        roll = self._sample(prompts, stop, tau[mine], phase=1, first_prompt=mine.start)
         rewards = self._rewards(problems, prompts, roll)
         adv = ctl.advantages(rewards).reshape(-1)
         batch = roll.batch
 
         t0 = time.perf_counter()
         old_logp, ent = self.score(self.policy, batch)
-        ref_logp = self.score(self.ref_policy, batch)[0] if cfg.loss.beta > 0 else None
+        ref_logp = None
+        if cfg.loss.beta > 0:
+            with self.layout.reference() as ref:
+                ref_logp = self.score(ref, batch)[0]
         t_score = time.perf_counter() - t0
-        H = _group_token_mean(ent, batch.completion_mask, G)
-        eps = ctl.clip_step(H)
+        eps = ctl.clip_step(self._cat(_group_token_mean(ent, batch.completion_mask, G)))
 
         t0 = time.perf_counter()
-        m.update(self.update(batch, adv, eps.repeat_interleave(G), old_logp, ref_logp))
+        m.update(self.update(batch, adv, eps[mine].repeat_interleave(G), old_logp, ref_logp))
         t_update = time.perf_counter() - t0
         if cfg.controller.adaptive_clip:
             new_logp, _ = self.score(self.policy, batch)
-            kl_g = _group_token_mean(old_logp - new_logp, batch.completion_mask, G)
-            m["kl/step"] = ctl.update_step_kl(kl_g)
+            m["kl/step"] = ctl.update_step_kl(self._cat(_group_token_mean(old_logp - new_logp, batch.completion_mask, G)))
             m["kl/step_ema"] = ctl.step_kl_ema
 
         self.step_count += 1
-        gen_tokens = probe_tokens + roll.generated_tokens
+        mask = batch.completion_mask
+        local = {"rewards": rewards, "lengths": roll.lengths, "texts": roll.texts,
+                 "entropy": float((ent * mask).sum()), "scored": float(mask.sum()),
+                 "probe_tokens": probe_tokens, "train_tokens": roll.generated_tokens,
+                 "correct": self._correct(problems, roll, rewards)}
+        parts = self._gather(local)
+        rewards = torch.cat([q["rewards"] for q in parts])
+        lengths = torch.cat([q["lengths"] for q in parts]).float()
+        texts = [t for q in parts for t in q["texts"]]
+        scored = sum(q["scored"] for q in parts)
+        probe_tokens = sum(q["probe_tokens"] for q in parts)
+        train_tokens = sum(q["train_tokens"] for q in parts)
+        gen_tokens = probe_tokens + train_tokens
         self.tokens_generated += gen_tokens
-        acc = self._accuracy(problems, roll, rewards)
-        zero_std = (rewards.std(1) if G > 1 else torch.zeros(P)) < 1e-12
-        scored = float(batch.completion_mask.sum())
+        zero_std = rewards.std(1) < 1e-12
         gen_s = roll.seconds + m.get("time/generate_probe", 0.0)
+        local_scored = float(mask.sum())
         m.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-                  "reward/accuracy": acc, "reward/zero_std_frac": float(zero_std.float().mean()),
+                  "reward/accuracy": sum(q["correct"] for q in parts) / rewards.numel(),
+                  "reward/zero_std_frac": float(zero_std.float().mean()),
                   **_stats("eps", eps), **_stats("tau", tau),
-                  "policy/entropy": float((ent * batch.completion_mask).sum() / max(scored, 1.0)),
-                  "response/length": float(roll.lengths.float().mean()),
-                  "response/length_max": float(roll.lengths.max()),
-                  "tokens/generated_probe": probe_tokens, "tokens/generated_train": roll.generated_tokens,
+                  "policy/entropy": sum(q["entropy"] for q in parts) / max(scored, 1.0),
+                  "response/length": float(lengths.mean()), "response/length_max": float(lengths.max()),
+                  "tokens/generated_probe": probe_tokens, "tokens/generated_train": train_tokens,
                   "tokens/generated_total": self.tokens_generated,
                   "time/generate": roll.seconds, "time/score": t_score, "time/update": t_update,
                   "time/step": time.perf_counter() - t_step,
+                  # throughput: all ranks' tokens over this rank's (rank 0's, when logged) seconds
                   "perf/generate_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
                   "perf/score_tokens_per_s": scored * (2 if cfg.loss.beta > 0 else 1) / max(t_score, 1e-9),
                   "perf/update_tokens_per_s": scored * cfg.optim.update_epochs / max(t_update, 1e-9)})
         m["perf/tokens_per_s"] = gen_tokens / max(m["time/step"], 1e-9)
+        if self.env.distributed:
+            m["perf/rank_tokens_scored"] = local_scored
         if not cfg.controller.needs_probe:
-            m["probe/vote_entropy"] = float(group_vote_entropy(
-                [roll.texts[p * G:(p + 1) * G] for p in range(P)]).mean())
+            m["probe/vote_entropy"] = float(group_vote_entropy([texts[p * G:(p + 1) * G] for p in range(P)]).mean())
         return m
 
-    def _accuracy(self, problems: list[Problem], roll: Rollout, rewards: torch.Tensor) -> float:
+    def _correct(self, problems: list[Problem], roll: Rollout, rewards: torch.Tensor) -> float:
+        """Number of correct samples in this rank's rollout."""
         if self.reward_fn is correctness_reward:  # the reward is already 1.0 exactly when correct
-            return float(rewards.mean())
+            return float(rewards.sum())
         G = roll.group_size
-        ok = [is_correct(roll.texts[i], problems[i // G].reference) for i in range(len(roll.texts))]
-        return sum(ok) / len(ok)
+        return float(sum(is_correct(roll.texts[i], problems[i // G].reference) for i in range(len(roll.texts))))
+
+    def evaluate(self, problems: list[Problem]) -> dict:
+        """Greedy held-out accuracy (``agpo.eval.evaluate``), each rank a block of problems
+        (ranks may make different numbers of ``generate`` calls: the model is gathered)."""
+        cfg = self.cfg
+        batch_size = cfg.rollout.generation_batch_size or 64
+        n, world, rank = len(problems), self.env.world_size, self.env.rank
+        mine = problems[rank * n // world:(rank + 1) * n // world]
+        with self.layout.generation() as model:
+            s = evaluate(model, self.tokenizer, mine, max_new_tokens=cfg.rollout.max_new_tokens,
+                         batch_size=batch_size, seed=cfg.run.seed, progress=False)["summary"] if mine else None
+        if not self.env.distributed:
+            return s
+        parts = [q for q in self._gather(s) if q is not None]
+        total = sum(q["n"] for q in parts)
+        tokens = sum(q["generated_tokens"] for q in parts)
+        acc = sum(q["accuracy"] * q["n"] for q in parts) / total
+        return {**parts[0], "n": total, "accuracy": acc, "pass@1": acc,
+                "no_answer_rate": sum(q["no_answer_rate"] * q["n"] for q in parts) / total,
+                "mean_completion_tokens": tokens / total, "generated_tokens": tokens,
+                "generation_s": max(q["generation_s"] for q in parts),
+                "verifier": {k: sum(q["verifier"][k] for q in parts) for k in parts[0]["verifier"]}}
 
     # -- checkpoint state --------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "controller": self.controller.state_dict(), "sampler": self.sampler.state_dict(),
-                "step": self.step_count, "tokens_generated": self.tokens_generated}
+        """Everything but the weights and optimiser state (those go to the sharded checkpoint)."""
+        return {"scheduler": self.scheduler.state_dict(), "controller": self.controller.state_dict(),
+                "sampler": self.sampler.state_dict(), "step": self.step_count,
+                "tokens_generated": self.tokens_generated}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.controller.load_state_dict(state["controller"])
         self.sampler.load_state_dict(state["sampler"])
         self.step_count = int(state["step"])
         self.tokens_generated = int(state["tokens_generated"])
+
+    def save_checkpoint(self, run_dir, extra: dict, *, keep: int):
+        """Checkpoint of this step: sharded weights + optimiser, ``state_dict()`` and ``extra``."""
+        return ckpt.save_checkpoint(run_dir, self.step_count, self.policy, self.optimizer,
+                                    {"trainer": self.state_dict(), **extra}, keep=keep,
+                                    trainable_only=self.layout.lora, env=self.env)
+
+    def load_checkpoint(self, path, state: dict) -> None:
+        """Continue from checkpoint ``path`` (its ``trainer_state.pt`` already read into ``state``)."""
+        ckpt.load_weights(path, self.policy, self.optimizer, trainable_only=self.layout.lora)
+        self.load_state_dict(state["trainer"])

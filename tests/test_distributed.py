@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agpo.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, apply_activation_checkpointing,  # noqa: E402
-                              barrier, broadcast_object, export_hf, gather_objects,
+                              barrier, broadcast_object, device_mesh, export_hf, gather_objects,
                               init_distributed, load_sharded, save_sharded, shard_model,
                               shutdown_distributed, unsharded)
 
@@ -50,6 +50,7 @@ class LossModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, targets, advantages, old_logp, mask):
         from agpo_kernels import agpo_loss
+        self.input_dtypes = [str(t.dtype) for t in (advantages, old_logp)]  # as the trainer passed them
         hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         loss, _ = agpo_loss(hidden, self.model.lm_head.weight, targets, advantages, old_logp, mask=mask,
                             eps_low=0.2, impl="torch", loss_agg="token-mean")
@@ -158,7 +159,7 @@ def worker_main(env: DistEnv, out: Path) -> dict:
     # shard (with activation checkpointing) ---------------------------------------------
     root = LossModel(hf)
     layers = apply_activation_checkpointing(hf.model.layers)
-    shard_model(root, list(layers))
+    shard_model(root, list(layers), mesh=device_mesh(env))
     # The optimizer must be built right after sharding: it has to hold the sharded DTensor
     # parameters (after a no-grad forward the root's parameters are left unsharded).
     opt = torch.optim.AdamW(root.parameters(), lr=LR)
@@ -232,7 +233,7 @@ def worker_lora(env: DistEnv, out: Path, res: dict, tok, batch, prompts) -> None
                     p.copy_(0.01 * torch.randn(p.shape, generator=g))
     inner_ref, inner = lref.get_base_model(), lsh.get_base_model()
     lroot = LossModel(inner)
-    shard_model(lroot, list(inner.model.layers))
+    shard_model(lroot, list(inner.model.layers), mesh=device_mesh(env))
     lopt = torch.optim.AdamW([p for p in lroot.parameters() if p.requires_grad], lr=LR)
     reference_step(inner_ref, batch)
     _, l_grads = sharded_step(lroot, lopt, batch, env)
@@ -248,11 +249,20 @@ def worker_lora(env: DistEnv, out: Path, res: dict, tok, batch, prompts) -> None
 
 
 def worker_mixed_precision(env: DistEnv, res: dict, batch, prompts, gen_kw, ref_loss, ref_grads) -> None:
-    """bf16 mixed precision (the GPU setting): fp32 sharded master weights, bf16 compute."""
+    """bf16 mixed precision (the GPU setting): the model loaded in bf16, fp32 sharded master
+    weights (upcast layer by layer while sharding), bf16 compute."""
     _, hf_mp = tiny()
     _, hf_bf16 = tiny()
+    hf_mp.to(torch.bfloat16)
+    loaded = {n: p.detach().float().clone() for n, p in hf_mp.named_parameters()}
     mroot = LossModel(hf_mp)
-    shard_model(mroot, list(apply_activation_checkpointing(hf_mp.model.layers)), param_dtype=torch.bfloat16)
+    shard_model(mroot, list(apply_activation_checkpointing(hf_mp.model.layers)), param_dtype=torch.bfloat16,
+                master_dtype=torch.float32, mesh=device_mesh(env))
+    from torch.distributed.tensor import DTensor
+    res["mp_all_dtensor"] = all(isinstance(p, DTensor) for p in hf_mp.parameters())
+    full = {n.replace("_checkpoint_wrapped_module.", ""): p.full_tensor() for n, p in hf_mp.named_parameters()}
+    res["mp_master_equals_loaded"] = set(full) == set(loaded) and all(
+        torch.equal(full[n], loaded[n]) for n in loaded)
     mopt = torch.optim.AdamW(mroot.parameters(), lr=LR)
     with torch.no_grad():
         with unsharded(mroot):
@@ -263,6 +273,7 @@ def worker_mixed_precision(env: DistEnv, res: dict, batch, prompts, gen_kw, ref_
     res["mp_loss_diff"] = abs(mloss - ref_loss)
     res["mp_grad_max_diff"] = max_diff(mgrads, ref_grads)
     res["mp_master_dtype"] = str(next(mroot.parameters()).dtype)
+    res["mp_loss_input_dtypes"] = mroot.input_dtypes
 
 
 def worker(scenario: str, out: Path) -> None:
@@ -345,6 +356,8 @@ def test_unsharded_generate(two_rank):
 def test_bf16_mixed_precision(two_rank):
     _, res = two_rank
     assert res["mp_master_dtype"] == "torch.float32" and res["mp_gen_dtype"] == "torch.bfloat16"
+    assert res["mp_all_dtensor"] and res["mp_master_equals_loaded"]
+    assert res["mp_loss_input_dtypes"] == ["torch.float32"] * 2  # fp32 loss inputs are not cast to bf16
     assert res["mp_gen_equal_bf16"]
     assert res["mp_loss_diff"] < 1e-2 and res["mp_grad_max_diff"] < 2e-2 * res["grad_max_abs"]
 
@@ -480,6 +493,26 @@ def test_single_process_env_and_noops():
     _, hf = tiny()
     with unsharded(hf) as m:                            # not sharded: no-op
         assert m is hf
+
+
+def test_export_casts_and_records_dtype(tmp_path):
+    """fp32 (master) weights exported in bf16: the files and config.json say bf16."""
+    from safetensors.torch import load_file
+    tok, hf = tiny()
+    export_hf(hf, hf, tok, tmp_path / "x", init_distributed(device="cpu"), dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = load_file(str(tmp_path / "x" / "model.safetensors"))
+    want = {k: v for k, v in hf.state_dict().items() if k in saved}
+    assert want and set(saved) <= set(hf.state_dict())
+    for k, v in want.items():
+        assert saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], v.to(torch.bfloat16)), k
+
+
+def test_device_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError, match="--device cuda:1: under torchrun"):
+        init_distributed(device="cuda:1")
 
 
 @pytest.mark.timeout(60)

@@ -8,6 +8,7 @@ equivalence, bad flags and missing model paths.
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,10 +136,13 @@ def test_loss_decreases_on_fixed_batch(warm):
     batch, adv = _fixed_batch(warm)
     old, _ = tr.score(tr.policy, batch)
     eps = torch.full((batch.rows,), 0.2)
-    losses = [tr.update(batch, adv, eps, old, None)["loss/policy"] for _ in range(6)]
+    losses = [tr.update(batch, adv, eps, old, None)["loss/policy"] for _ in range(12)]
     assert losses[0] == pytest.approx(-float((adv.view(-1, 1) * batch.completion_mask).sum()
                                              / batch.completion_mask.sum()), abs=1e-5)  # ratio 1 at the start
-    assert losses[-1] < losses[0] - 0.05, losses
+    # the clipped surrogate can fall by at most eps * mean|A| (every ratio at its clip edge)
+    bound = 0.2 * float((adv.abs().view(-1, 1) * batch.completion_mask).sum() / batch.completion_mask.sum())
+    assert losses[-1] < losses[0] - 0.25 * bound, (losses, bound)
+    assert losses[-1] >= losses[0] - bound - 1e-5, (losses, bound)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -225,8 +229,8 @@ def test_resume_gives_the_same_run(tmp_path):
     assert a == b
     assert summary["accuracy_before"] == json.loads((tmp_path / "a/run/summary.json").read_text())["accuracy_before"]
     from transformers import AutoModelForCausalLM
-    ma = AutoModelForCausalLM.from_pretrained(str(ckpt.list_checkpoints(full.run.out_dir)[-1][1] / "model"))
-    mb = AutoModelForCausalLM.from_pretrained(str(ckpt.list_checkpoints(resumed.run.out_dir)[-1][1] / "model"))
+    ma = AutoModelForCausalLM.from_pretrained(str(Path(full.run.out_dir) / "final"))
+    mb = AutoModelForCausalLM.from_pretrained(str(Path(resumed.run.out_dir) / "final"))
     for (n, p), q in zip(ma.state_dict().items(), mb.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
     # a resume with a different setting that changes the run is refused
@@ -239,12 +243,22 @@ def test_resume_gives_the_same_run(tmp_path):
 def test_checkpoints_are_atomic_and_pruned(tmp_path, warm):
     model, tok, _ = warm
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / ".tmp-step-000009-x").mkdir()  # a crash mid-write
+    (tmp_path / "checkpoints" / ".tmp-step-000009").mkdir()  # a crash mid-write
     (tmp_path / "checkpoints" / "step-000008").mkdir()  # not complete: no state file
+    model, saved = copy.deepcopy(model), {}
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, step, model, tok, {"step": step}, keep=2)
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)
+        saved[step] = model.lm_head.weight.detach().clone()
+        ckpt.save_checkpoint(tmp_path, step, model, None, {"step": step}, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        fresh.lm_head.weight.zero_()
+    ckpt.load_weights(tmp_path / "checkpoints" / "step-000002", fresh, None)
+    torch.testing.assert_close(fresh.lm_head.weight, saved[2], rtol=0, atol=0)
+    assert ckpt.load_state(tmp_path / "checkpoints" / "step-000003") == {"step": 3}
     assert ckpt.resolve_resume("auto", tmp_path).name == "step-000003"
     assert ckpt.resolve_resume("auto", tmp_path / "elsewhere") is None
     with pytest.raises(ckpt.CheckpointError, match="--resume"):
@@ -254,6 +268,9 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, warm):
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "-1"], "--lr"),
     (["--group-size", "1"], "--group-size"),
+    (["--lora-rank", "-4"], "--lora-rank"),
+    (["--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--dist-timeout", "0"], "--dist-timeout"),
     (["--algo", "ppo"], "--algo"),
     (["--loss-agg", "mean"], "--loss-agg"),
     (["--model", "/no/such/model/dir"], "--model /no/such/model/dir"),
