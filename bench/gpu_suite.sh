@@ -28,6 +28,23 @@ if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 else  # CPU: the parts that can run here (interpreter tests above, CPU benchmarks below)
   echo "== no CUDA device: skipping the Triton config sweep" | tee "$OUT/sweep.md"
 fi
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "== Training on CUDA (tiny preset): FSDP2 over one rank + resume, plain bf16, LoRA"
+  R=$(mktemp -d)
+  {
+    set -x
+    torchrun --standalone --nproc_per_node 1 -m agpo.train --device cuda --dtype bfloat16 --beta 0.03 \
+      --steps 6 --stop-after 3 --save-every 3 --out-dir "$R/fsdp" --no-progress; echo "rc=$?"
+    torchrun --standalone --nproc_per_node 1 -m agpo.train --device cuda --dtype bfloat16 --beta 0.03 \
+      --steps 6 --save-every 3 --out-dir "$R/fsdp" --resume auto --no-progress; echo "rc=$?"
+    python3 -m agpo.train --device cuda --dtype bfloat16 --steps 6 --out-dir "$R/plain" --no-progress; echo "rc=$?"
+    python3 -m agpo.train --device cuda --dtype bfloat16 --lora-rank 8 --lora-alpha 16 --lr 1e-3 --steps 6 \
+      --out-dir "$R/lora" --no-progress; echo "rc=$?"
+    set +x
+    for d in fsdp plain lora; do echo "$d: $(cat "$R/$d/summary.json" 2>/dev/null | tr -d '\n ')"; done
+  } > "$OUT/train.log" 2>&1
+  grep -E "^agpo: |rc=|summary|^(fsdp|plain|lora):" "$OUT/train.log" | tail -25
+fi
 echo "== Benchmarks"
 (cd bench && python3 -m pytest . --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" \
    ${AGPO_BENCH_SHAPES:+-k "$(echo "$AGPO_BENCH_SHAPES" | sed 's/,/ or /g')"} > "$OUT/bench.log" 2>&1)
