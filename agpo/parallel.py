@@ -5,9 +5,9 @@ ranks; full fine-tuning or LoRA; and which policy the KL term's reference is.
 ``beta > 0``, a frozen copy for the reference) into a ``Layout``:
 
 - ``policy``: the ``agpo.policy.Policy`` root (decoder + fused LM head + loss). Under
-  torchrun (any world size, one rank included) every decoder layer is ``fully_shard``-ed, then the root, so
-  the root's pre-forward all-gathers the embeddings, final norm and LM head exactly when
-  the fused kernel reads the head weight. Activation checkpointing wraps each layer first
+  torchrun (any world size, one rank included) every decoder layer is ``fully_shard``-ed,
+  then the root, so the root's pre-forward all-gathers the embeddings, final norm and LM
+  head exactly when the fused kernel reads the head weight. Activation checkpointing wraps each layer first
   when ``--gradient-checkpointing`` is on.
 - mixed precision: on GPUs, full fine-tuning keeps fp32 weights and AdamW state (sharded)
   and computes in ``--dtype`` with fp32 gradient reduction (``--fp32-master``). LoRA keeps
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from agpo.distributed import (DistEnv, apply_activation_checkpointing, device_mesh, reshard_all, shard_model,
@@ -57,8 +58,7 @@ class Layout:
         if not self.sharded:
             return f"{how} on {self.env.device}"
         p = next(self.policy.parameters())
-        backend = "nccl" if self.env.device.type == "cuda" else "gloo"
-        return (f"{how}, FSDP2 over {self.env.world_size} rank(s) ({backend}), "
+        return (f"{how}, FSDP2 over {self.env.world_size} rank(s) ({dist.get_backend()}), "
                 f"{str(p.dtype).replace('torch.', '')} shards on {self.env.device.type}")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -90,10 +90,6 @@ class Layout:
             reshard_all(self.policy)
             if self.ref_policy is not None:
                 reshard_all(self.ref_policy)
-
-
-def _compute_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def _shard(policy: Policy, base: nn.Module, mesh, *, param_dtype: torch.dtype | None,
@@ -129,8 +125,9 @@ def prepare_layout(cfg, model: nn.Module, env: DistEnv, *, ref_model: nn.Module 
         # full fine-tuning on GPUs: fp32 master shards (upcast while sharding), compute in
         # compute_dtype; LoRA keeps the frozen base as loaded (its adapters are fp32 already)
         master = torch.float32 if (m.fp32_master and not lora and env.device.type == "cuda") else None
-        stored = master or _compute_dtype(base)
-        want = compute_dtype or _compute_dtype(base)
+        loaded = next(base.parameters()).dtype
+        stored = master or loaded
+        want = compute_dtype or loaded
         mixed = want if (want != stored or lora) else None
         mesh = device_mesh(env)
         _shard(policy, base, mesh, param_dtype=mixed, checkpointing=m.gradient_checkpointing, master_dtype=master)

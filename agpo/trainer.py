@@ -264,8 +264,8 @@ class Trainer:
             losses.append(epoch_loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.eval()
-        losses = [all_reduce_sum({"l": v}, self.env)["l"] for v in losses]
-        sums = all_reduce_sum(sums, self.env)
+        sums = all_reduce_sum({**sums, **{f"loss{i}": v for i, v in enumerate(losses)}}, self.env)
+        losses = [sums[f"loss{i}"] for i in range(len(losses))]
         out = {"loss/policy": losses[0], "loss/policy_last": losses[-1], "loss/clip_frac": sums["clip_frac"],
                "loss/ratio_mean": sums["ratio_mean"], "optim/grad_norm": sum(norms) / len(norms),
                "optim/lr": self.scheduler.get_last_lr()[0]}
