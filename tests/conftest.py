@@ -1,9 +1,13 @@
-"""Test setup: Triton runs in its CPU interpreter when no GPU is present.
+"""Test setup: Triton runs in its CPU interpreter when no GPU is present, and the suite
+says which versions of its main dependencies it was last run green with.
 
 TRITON_INTERPRET must be set before triton is first imported, hence here.
 """
 
+import importlib.metadata
 import os
+import re
+import warnings
 
 import torch
 
@@ -11,3 +15,51 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+TESTED_WITH = {"torch": "2.13.0", "transformers": "5.24.0", "trl": "1.16.0", "triton": "3.9.0",
+               "peft": "0.21.2", "liger-kernel": "0.8.5"}
+"""Versions the whole suite last passed with (natively, under ATEN_CPU_CAPABILITY=default and
+avx2, and with OMP_NUM_THREADS=1; README.md says the same). Keep in step with the README."""
+
+
+class UntestedVersionWarning(UserWarning):
+    """An installed dependency is newer than the suite was last run green with."""
+
+
+def _release(version: str) -> tuple:
+    """``2.13.0+cpu`` -> ``(2, 13, 0)``: the release numbers, local and pre-release tags dropped."""
+    out = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d*", part).group()
+        if not digits:
+            break
+        out.append(int(digits))
+        if digits != part:  # "0rc1", "0a2": the pre-release tag ends the release numbers
+            break
+    return tuple(out)
+
+
+def untested_versions() -> list[str]:
+    """One line per installed dependency newer than ``TESTED_WITH``."""
+    lines = []
+    for dist, tested in TESTED_WITH.items():
+        try:
+            have = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if _release(have) > _release(tested):
+            lines.append(f"{dist} {have} is newer than {tested}, the version this suite was last run green with; "
+                         f"a failure may come from the newer {dist} (pip install '{dist}=={tested}' to compare)")
+    return lines
+
+
+def pytest_report_header(config):
+    return "agpo suite last run green with: " + ", ".join(f"{k} {v}" for k, v in TESTED_WITH.items())
+
+
+def pytest_configure(config):
+    for line in untested_versions():
+        config.issue_config_time_warning(UntestedVersionWarning(line), stacklevel=2)
+
+
+warnings.simplefilter("default", UntestedVersionWarning)
