@@ -26,10 +26,12 @@ from pathlib import Path
 
 from agpo.controllers import ControllerConfig
 from agpo.data import DataConfig
+from agpo.recipes import apply_recipe
 
 ALGOS = ("agpo", "grpo")
 SCHEDULES = ("constant", "linear", "cosine")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+SCORE_TEMPERATURES = ("sample", "one")
 
 
 class ConfigError(ValueError):
@@ -167,8 +169,14 @@ class LossConfig:
     """Fused-loss implementation: auto, triton, torch or reference."""
     memory_budget: int | None = None
     """Bytes of scratch the fused head may use per call (None: its default)."""
+    score_temperature: str = "sample"
+    """Temperature of the old, new and reference log-probs and of the loss: 'sample' (each row's
+    sampling temperature: the policy that sampled it, SPEC section 2) or 'one' (the untempered
+    policy, as the paper's code scores)."""
 
     def __post_init__(self) -> None:
+        if self.score_temperature not in SCORE_TEMPERATURES:
+            raise ConfigError(f"--score-temperature: expected sample or one, got {self.score_temperature!r}")
         _positive(self, "beta", "entropy_coef", "eps_high_offset", allow_zero=True)
         _positive(self, "memory_budget")
         if self.kl_estimator not in ("k1", "k2", "k3"):
@@ -203,6 +211,9 @@ class RunConfig:
 
     algo: str = "agpo"
     """agpo (both controllers) or grpo (fixed eps and tau, no probe group)."""
+    recipe: str = "default"
+    """Defaults to start from: default (the project's) or paper (the authors' released code:
+    agpo.recipes); values set in --config or on the command line win over the recipe."""
     steps: int = 100
     """Training steps (each: probe, rollouts, score, update)."""
     token_budget: int | None = None
@@ -244,7 +255,8 @@ class RunConfig:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "optim": OptimConfig,
             "loss": LossConfig, "controller": ControllerConfig, "warmup": WarmupConfig, "run": RunConfig}
 _CLI_SKIP = {"data": {"split", "limit", "generator_options"}}
-_CLI_RENAME = {("data", "path"): "data_path", ("data", "seed"): "data_seed", ("data", "size"): "train_size"}
+_CLI_RENAME = {("data", "path"): "data_path", ("data", "eval_path"): "eval_data_path", ("data", "seed"): "data_seed",
+               ("data", "size"): "train_size"}
 
 
 @dataclass(kw_only=True)
@@ -273,11 +285,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a nested mapping; a ``run.recipe`` fills the fields ``d`` leaves unset."""
         if not isinstance(d, dict):
             raise ConfigError(f"config: expected a mapping of sections, got {type(d).__name__}")
         unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"config: unknown sections {sorted(unknown)}; expected {sorted(SECTIONS)}")
+        d = apply_recipe({k: dict(v or {}) if isinstance(v, dict) else v for k, v in d.items()})
         parts = {}
         for name, kind in SECTIONS.items():
             values = d.get(name) or {}

@@ -54,10 +54,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from agpo.rewards import answer_key
-from agpo.stats import DISPERSIONS, as_groups, dispersion, group_advantages, group_vote_entropy, skewness
+from agpo.stats import (DISPERSIONS, VOTE_KEYS, as_groups, dispersion, group_advantages, group_vote_entropy,
+                        skewness)
 
 Extract = Callable[[str], str] | None
+ENTROPY_TEMPERATURES = ("one", "score")
 NEGATIVE_ENTROPY_TOL = 1e-4
 """Entropies in [-tol, 0) are rounding (fp32 ``lse - sum p z``) and read as 0; below: error."""
 
@@ -118,6 +119,19 @@ class ControllerConfig:
     """EMA rate of the uncertainty baseline b and of the step-KL EMA S."""
     uncertainty_floor: float = 1e-8
     """Baseline cold-start threshold and the floor in c = (u - b) / (b + floor)."""
+    baseline_min: float = 0.0
+    """Lower bound of the uncertainty baseline b (in units of u): b = max(EMA, baseline_min),
+    also after the cold start. 0: the paper's formulas, under which unanimous (easy) groups
+    shrink b by 10% each, so after an easy stretch the next uncertain group gets a huge
+    c = (u - b) / b and tau pins at tau_max (docs/controllers.md)."""
+    vote_keys: str = "normalized"
+    """Answer keys of the vote entropy E: 'normalized' (equal answers in any spelling are one
+    vote) or 'raw' (the paper's code: the lower-cased extracted string)."""
+    entropy_temperature: str = "one"
+    """Temperature of the policy entropy H in the clip's ratio H / H_ref: 'one' (the policy's
+    own entropy, whatever temperature the group was sampled and scored at) or 'score' (the
+    scoring temperature of the loss: with --score-temperature sample, a hot group's H is
+    inflated by its temperature)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -125,13 +139,18 @@ class ControllerConfig:
             if f.type in ("bool", bool):
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name}: expected a bool, got {value!r}")
-            elif f.name != "dispersion":
+            elif f.name not in ("dispersion", "vote_keys", "entropy_temperature"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"{f.name}: expected a finite number, got {value!r}")
         if self.dispersion not in DISPERSIONS:
             raise ValueError(f"dispersion: expected one of {DISPERSIONS}, got {self.dispersion!r}")
+        if self.vote_keys not in VOTE_KEYS:
+            raise ValueError(f"vote_keys: expected one of {tuple(VOTE_KEYS)}, got {self.vote_keys!r}")
+        if self.entropy_temperature not in ENTROPY_TEMPERATURES:
+            raise ValueError(f"entropy_temperature: expected one of {ENTROPY_TEMPERATURES}, "
+                             f"got {self.entropy_temperature!r}")
         for name in ("alpha_var", "gamma_stepkl", "delta_probe_entropy", "zeta_skew", "lambda_temp",
-                     "w_r", "w_e", "w_k", "skew_sigma_min"):
+                     "w_r", "w_e", "w_k", "skew_sigma_min", "baseline_min"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("eps_min", "tau_min", "entropy_floor", "adv_floor", "uncertainty_floor", "kappa_max"):
@@ -179,11 +198,14 @@ class ProbeStats:
     """Train-group temperature."""
 
 
-def probe_statistics(rewards, answers, cfg: ControllerConfig, extract: Extract = answer_key):
+def probe_statistics(rewards, answers, cfg: ControllerConfig, extract: Extract | str = "config"):
     """SPEC step 1 for ``P`` groups: ``(sigma [P], k [P], E [P])`` as float64 tensors.
 
-    ``answers``: ``P`` lists of ``G`` texts (``extract=None``: already-extracted keys).
+    ``answers``: ``P`` lists of ``G`` texts, read with ``cfg.vote_keys``'s extraction
+    (``extract``: another function, or None for already-extracted keys).
     """
+    if extract == "config":
+        extract = VOTE_KEYS[cfg.vote_keys]
     r = as_groups(rewards, "rewards")
     if r.dim() != 2:
         raise ValueError(f"rewards: expected a [P, G] tensor, got shape {tuple(r.shape)}")
@@ -203,12 +225,13 @@ def uncertainty(sigma: float, entropy: float, skew: float, cfg: ControllerConfig
 
 
 def centre_uncertainty(u: float, baseline: float, cfg: ControllerConfig) -> tuple[float, float]:
-    """SPEC step 2: ``(c, new baseline)`` with the cold start at ``b <= floor``."""
+    """SPEC step 2: ``(c, new baseline)`` with the cold start at ``b <= floor``; the new
+    baseline is kept at or above ``baseline_min``."""
     floor = cfg.uncertainty_floor
     if baseline <= floor:
-        return 0.0, u
+        return 0.0, max(u, cfg.baseline_min)
     c = (u - baseline) / (baseline + floor)
-    return c, cfg.ema_alpha * u + (1.0 - cfg.ema_alpha) * baseline
+    return c, max(cfg.ema_alpha * u + (1.0 - cfg.ema_alpha) * baseline, cfg.baseline_min)
 
 
 def temperature(c: float, cfg: ControllerConfig) -> float:
@@ -273,11 +296,12 @@ class AGPOController:
         self.probe_used = True
         """Whether ``clip_step`` already consumed ``probe``."""
 
-    def probe_step(self, rewards, answers, *, extract: Extract = answer_key) -> torch.Tensor:
+    def probe_step(self, rewards, answers, *, extract: Extract | str = "config") -> torch.Tensor:
         """SPEC steps 1-3 for all groups of a step, in order; returns tau, float32 ``[P]``.
 
         ``rewards``: probe rewards ``[P, G]``; ``answers``: ``P`` lists of ``G`` response
-        texts (``extract=None``: already-extracted answer keys). Updates ``b`` group by group.
+        texts, read with the configured ``vote_keys`` (``extract=None``: already-extracted
+        answer keys). Updates ``b`` group by group.
         """
         cfg = self.config
         sigma, k, e = probe_statistics(rewards, answers, cfg, extract)

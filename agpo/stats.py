@@ -13,7 +13,8 @@ step) and returns one value per group, in float64. SPEC section 1:
 - ``vote_entropy``     step 1, ``E``: Shannon entropy (nats) of the empirical distribution
                        of one group's extracted final answers.
 - ``group_vote_entropy`` the same for ``P`` groups of answer texts; the extraction is
-                       ``agpo.rewards.answer_key`` (shared with the rewards, not rewritten).
+                       ``agpo.rewards.answer_key`` (shared with the rewards, not rewritten)
+                       or, for the paper's recipe, ``raw_answer_key`` (``VOTE_KEYS``).
 - ``group_advantages`` step 4, ``A_i = (r_i - mean r) / max(disp(r), floor)`` with the
                        fall-back to std and ``A = 0`` for all-equal rewards.
 
@@ -27,6 +28,7 @@ of an even group is the mean of its two middle values); "disp ~ 0" in step 4 mea
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -127,6 +129,39 @@ def vote_entropy(keys: Sequence[str]) -> float:
         raise ValueError("keys: a group needs at least one answer")
     counts = Counter(keys)
     return -sum((c / n) * math.log(c / n) for c in counts.values())
+
+
+RAW_KEY_MAX_CHARS = 100_000
+"""``raw_answer_key`` reads at most this many trailing characters of a completion (the
+final answer is at its end), so a megabyte of degenerate text costs no more than this."""
+_RAW_BOXED = re.compile(r"\\boxed\{([^{}]+)\}")
+_RAW_NUMBER = re.compile(r"[-+]?\d*\.?\d+(?:/[1-9]\d*)?")
+
+
+def raw_answer_key(text: str) -> str:
+    """The vote key of the paper's released code: the raw extracted answer, lower-cased.
+
+    The last ``\\boxed{...}`` without nested braces, else the text after the last
+    ``####``, else the last number (thousands commas removed), else the
+    whitespace-normalised text. Unlike ``agpo.rewards.answer_key`` nothing is normalised:
+    ``1/2``, ``0.5`` and ``\\frac{1}{2}`` are three different votes (and ``\\boxed{\\frac{1}{2}}``
+    reads ``2``), so a group that agrees in substance can still show vote entropy. Offered
+    for ``--recipe paper`` (``--vote-keys raw``); the default keeps the normalised key.
+    """
+    stripped = text[-RAW_KEY_MAX_CHARS:].strip()
+    boxed = _RAW_BOXED.findall(stripped)
+    if boxed:
+        return boxed[-1].strip().lower()
+    if "####" in stripped:
+        return stripped.rsplit("####", 1)[-1].strip().lower()
+    numbers = _RAW_NUMBER.findall(stripped.replace(",", ""))
+    if numbers:
+        return numbers[-1].strip().lower()
+    return re.sub(r"\s+", " ", stripped).lower()
+
+
+VOTE_KEYS = {"normalized": answer_key, "raw": raw_answer_key}
+"""Answer-key extractions for the vote entropy, by ``--vote-keys`` name."""
 
 
 def group_vote_entropy(answers: Sequence[Sequence[str]],

@@ -27,7 +27,7 @@ import torch
 
 from agpo import checkpoint as ckpt
 from agpo.config import ConfigError, TrainConfig, config_from_args
-from agpo.data import DataError, load_problems
+from agpo.data import DataError, held_out, load_problems
 from agpo.distributed import DistEnv, broadcast_object, export_hf, init_distributed, shutdown_distributed
 from agpo.metrics_log import MetricsLogger
 from agpo.models import PRESETS, ModelNotFoundError, load_model_and_tokenizer, resolve_attn, resolve_dtype
@@ -37,9 +37,11 @@ from agpo.trainer import Trainer
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill the model-dependent defaults (completion cap, micro-batch, warm-up length) and
-    the device."""
+    """Fill the model-dependent defaults (task, completion cap, micro-batch, warm-up length)
+    and the device."""
     preset = PRESETS.get(cfg.model.model)
+    if cfg.data.dataset is None:  # the preset's task; any other model: GSM8K
+        cfg.data.dataset = preset.dataset if preset else "gsm8k"
     if cfg.model.device == "auto":
         cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.rollout.max_new_tokens is None:
@@ -110,7 +112,7 @@ def run(cfg: TrainConfig) -> dict:
     source = str(ref_dir) if saved and have_ref else m.model
     model, tok = load_model_and_tokenizer(source, seed=cfg.run.seed, **load_kw)
     train_problems = load_problems(cfg.data, split="train")
-    eval_problems = load_problems(cfg.data, split="test", limit=cfg.run.eval_size) if cfg.run.eval_size else []
+    eval_problems = load_problems(held_out(cfg.data), split="test", limit=cfg.run.eval_size) if cfg.run.eval_size else []
 
     events: dict = dict(saved.get("events", {})) if saved else {}
     if not saved:

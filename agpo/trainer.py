@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import replace
 
 import torch
 
@@ -36,7 +37,7 @@ from agpo.parallel import prepare_layout
 from agpo.policy import Policy, SequenceBatch
 from agpo.rewards import correctness_reward, is_correct, load_reward, score
 from agpo.rollout import Rollout, sample_groups
-from agpo.stats import group_vote_entropy
+from agpo.stats import VOTE_KEYS, group_vote_entropy
 
 TIME_KEYS = ("time/", "perf/")
 """Metric prefixes that depend on the machine's speed (left out of reproducibility checks)."""
@@ -108,6 +109,14 @@ def micro_batches(batch: SequenceBatch, max_tokens: int) -> list[torch.Tensor]:
     if cur:
         groups.append(torch.tensor(cur))
     return groups
+
+
+def scoring_batch(batch: SequenceBatch, score_temperature: str) -> SequenceBatch:
+    """The batch the loss and the scoring passes see: the rows at their sampling
+    temperatures (``sample``) or all at temperature 1 (``one``, the paper's code)."""
+    if score_temperature == "one":
+        return replace(batch, temperature=torch.ones_like(batch.temperature))
+    return batch
 
 
 def _cols(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -202,14 +211,16 @@ class Trainer:
         return torch.tensor(rew, dtype=torch.float64).view(len(problems), G)
 
     @torch.no_grad()
-    def score(self, policy: Policy, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token ``(logp, entropy)`` ``[R, C]`` of a rollout batch, micro-batched."""
+    def score(self, policy: Policy, batch: SequenceBatch, *,
+              entropy_temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``(logp, entropy)`` ``[R, C]`` of a rollout batch, micro-batched; the
+        entropy at ``entropy_temperature`` when given, else at the batch's temperatures."""
         logp = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
         ent = torch.zeros_like(logp)
         groups = micro_batches(batch, 2 * self.cfg.optim.micro_batch_tokens)
         for idx in self._same_count(groups):
             mb = batch.select(groups[0] if idx is None else idx)
-            lp, h = policy(mb.to(self.device))
+            lp, h = policy(mb.to(self.device), entropy_temperature=entropy_temperature)
             if idx is not None:
                 C = mb.completion_ids.shape[1]
                 logp[idx, :C], ent[idx, :C] = lp.float().cpu(), h.float().cpu()
@@ -299,10 +310,11 @@ class Trainer:
         roll = self._sample(prompts, stop, tau[mine], phase=1, first_prompt=mine.start)
         rewards = self._rewards(problems, prompts, roll)
         adv = ctl.advantages(rewards).reshape(-1)
-        batch = roll.batch
+        batch = scoring_batch(roll.batch, cfg.loss.score_temperature)
 
         t0 = time.perf_counter()
-        old_logp, ent = self.score(self.policy, batch)
+        ent_t = 1.0 if cfg.controller.entropy_temperature == "one" else None
+        old_logp, ent = self.score(self.policy, batch, entropy_temperature=ent_t)
         ref_logp = None
         if cfg.loss.beta > 0:
             with self.layout.reference() as ref:
@@ -339,7 +351,7 @@ class Trainer:
         m.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
                   "reward/accuracy": sum(q["correct"] for q in parts) / rewards.numel(),
                   "reward/zero_std_frac": float(zero_std.float().mean()),
-                  **_stats("eps", eps), **_stats("tau", tau),
+                  **_stats("eps", eps), **_stats("tau", tau), **self._clamp_shares(tau, eps), **ctl.metrics(),
                   "policy/entropy": sum(q["entropy"] for q in parts) / max(scored, 1.0),
                   "response/length": float(lengths.mean()), "response/length_max": float(lengths.max()),
                   "tokens/generated_probe": probe_tokens, "tokens/generated_train": train_tokens,
@@ -354,8 +366,17 @@ class Trainer:
         if self.env.distributed:
             m["perf/rank_tokens_scored"] = local_scored
         if not cfg.controller.needs_probe:
-            m["probe/vote_entropy"] = float(group_vote_entropy([texts[p * G:(p + 1) * G] for p in range(P)]).mean())
+            keys = VOTE_KEYS[cfg.controller.vote_keys]
+            m["probe/vote_entropy"] = float(group_vote_entropy([texts[p * G:(p + 1) * G] for p in range(P)], keys).mean())
         return m
+
+    def _clamp_shares(self, tau: torch.Tensor, eps: torch.Tensor) -> dict[str, float]:
+        """Share of the step's groups whose tau / eps sits at a clamp of its controller (a
+        controller pinned at a clamp has stopped responding)."""
+        c = self.cfg.controller
+        at = lambda t, v: float((t.double() - v).abs().le(1e-6 * max(1.0, abs(v))).double().mean())
+        return {"tau/at_max": at(tau, c.tau_max), "tau/at_min": at(tau, c.tau_min),
+                "eps/at_max": at(eps, c.eps_max), "eps/at_min": at(eps, c.eps_min)}
 
     def _correct(self, problems: list[Problem], roll: Rollout, rewards: torch.Tensor) -> float:
         """Number of correct samples in this rank's rollout."""
