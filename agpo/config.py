@@ -62,6 +62,9 @@ class ModelConfig:
     """cpu, cuda, cuda:N or auto (CUDA when available)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (saves memory on large models)."""
+    liger: bool | None = None
+    """Liger-Kernel's fused RMSNorm, RoPE and SwiGLU in the decoder (never its loss; agpo.liger).
+    None: on when the run is on CUDA and liger-kernel is installed."""
     lora_rank: int = 0
     """LoRA adapters of this rank on the attention and MLP projections (0: full fine-tuning)."""
     lora_alpha: float | None = None
@@ -133,7 +136,11 @@ class OptimConfig:
     update_epochs: int = 2
     """Passes over a step's rollouts, one optimiser step each (the paper's code: 4)."""
     micro_batch_tokens: int | None = None
-    """Padded tokens per forward/backward micro-batch (None: the preset's)."""
+    """Tokens per forward/backward micro-batch (None: the preset's): real prompt + completion
+    tokens when packing, padded positions otherwise (scoring passes take twice as many)."""
+    packing: bool = True
+    """Pack each micro-batch's sequences into one row with restarting positions (no padding is
+    computed: agpo.packing); --no-packing runs padded rows."""
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "update_epochs", "micro_batch_tokens")

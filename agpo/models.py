@@ -215,13 +215,27 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _smollm2_cache() -> tuple[Path, Path]:
+    """``(gguf file, folder of its converted copy)`` of the SmolLM2 preset."""
+    gguf = find_smollm2_gguf()
+    version = importlib.metadata.version(SMOLLM2_DIST)
+    return gguf, agpo_cache_dir() / f"smollm2-135m-instruct-{version}-{gguf.stem.split('.')[-1].lower()}"
+
+
+def smollm2_dir() -> Path:
+    """The SmolLM2 preset as a ``save_pretrained`` (safetensors) folder, converted from the
+    package's GGUF on first use."""
+    _, cached = _smollm2_cache()
+    if not (cached / "config.json").is_file():
+        _load_smollm2(torch.float32)
+    return cached
+
+
 def _load_smollm2(dtype: torch.dtype):
     """SmolLM2 from the converted cache, converting the package's GGUF on the first call."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = find_smollm2_gguf()
-    version = importlib.metadata.version(SMOLLM2_DIST)
-    cached = agpo_cache_dir() / f"smollm2-135m-instruct-{version}-{gguf.stem.split('.')[-1].lower()}"
+    gguf, cached = _smollm2_cache()
     if (cached / "config.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(cached))
         return AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype), tok
@@ -263,8 +277,8 @@ def _load_pretrained(source: str, dtype: torch.dtype, attn: str, local_only: boo
     return model, tokenizer
 
 
-def _finish(model, tokenizer, device: str):
-    """Left padding, a pad token, generation ids in step with the tokenizer; eval mode."""
+def prepare_tokenizer(model, tokenizer):
+    """Left padding, a pad token, generation ids in step with the tokenizer."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
@@ -273,7 +287,12 @@ def _finish(model, tokenizer, device: str):
         gc.pad_token_id = tokenizer.pad_token_id
     if gc.eos_token_id is None and tokenizer.eos_token_id is not None:
         gc.eos_token_id = tokenizer.eos_token_id
-    return model.to(device).eval(), tokenizer
+    return tokenizer
+
+
+def _finish(model, tokenizer, device: str):
+    """``prepare_tokenizer``; the model on ``device`` in eval mode."""
+    return model.to(device).eval(), prepare_tokenizer(model, tokenizer)
 
 
 def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str = "cpu", attn: str | None = None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from agpo.distributed import (DistEnv, apply_activation_checkpointing, device_mesh, reshard_all, shard_model,
                               unsharded)
+from agpo.loading import materialize
 from agpo.policy import Policy, decoder_and_head
 
 
@@ -101,12 +103,16 @@ def _shard(policy: Policy, base: nn.Module, mesh, *, param_dtype: torch.dtype | 
 
 
 def prepare_layout(cfg, model: nn.Module, env: DistEnv, *, ref_model: nn.Module | None = None,
-                   compute_dtype: torch.dtype | None = None) -> Layout:
+                   compute_dtype: torch.dtype | None = None, weights: Path | None = None,
+                   ref_weights: Path | None = None) -> Layout:
     """Apply LoRA and/or FSDP2 as ``cfg.model`` says; returns the ``Layout``.
 
     ``model`` (and ``ref_model``) hold the weights to start from, on ``env.device`` for
     one device, on the CPU or the device under torchrun (FSDP moves each shard to the
-    device). ``compute_dtype``: the dtype sharded forwards compute in (None: the model's).
+    device); or, under torchrun, they are empty (``agpo.loading.empty_model``) and
+    ``weights`` (``ref_weights``) names the safetensors folder each rank reads its shards
+    from once sharded. ``compute_dtype``: the dtype sharded forwards compute in (None: the
+    model's).
     """
     m = cfg.model
     lora = m.lora_rank > 0
@@ -131,9 +137,13 @@ def prepare_layout(cfg, model: nn.Module, env: DistEnv, *, ref_model: nn.Module 
         mixed = want if (want != stored or lora) else None
         mesh = device_mesh(env)
         _shard(policy, base, mesh, param_dtype=mixed, checkpointing=m.gradient_checkpointing, master_dtype=master)
+        if weights is not None:
+            materialize(policy, base, weights, env.device)
         if ref_policy is not None:
             ref_policy.requires_grad_(False)
             _shard(ref_policy, ref_model, mesh, param_dtype=None, checkpointing=False)
+            if ref_weights is not None:
+                materialize(ref_policy, ref_model, ref_weights, env.device)
     elif m.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Layout(env=env, model=model, policy=policy, ref_policy=ref_policy, lora=lora)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from agpo.packing import PackedBatch
 from agpo_kernels import agpo_loss, linear_logprobs
 
 
@@ -102,6 +103,13 @@ class Policy(nn.Module):
         _, head = decoder_and_head(self.model)
         return head.weight, getattr(head, "bias", None)
 
+    def packed_hidden(self, packed: PackedBatch) -> torch.Tensor:
+        """Final hidden states that predict the packed completion tokens, ``[N, D]``."""
+        decoder, _ = decoder_and_head(self.model)
+        out = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                      use_cache=False)
+        return out.last_hidden_state[0].index_select(0, packed.predict)
+
     def completion_hidden(self, batch: SequenceBatch) -> torch.Tensor:
         """Final hidden states that predict the completion tokens, ``[B, C, D]``."""
         decoder, _ = decoder_and_head(self.model)
@@ -112,12 +120,18 @@ class Policy(nn.Module):
         P, C = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
         return out.last_hidden_state[:, P - 1:P - 1 + C]
 
-    def forward(self, batch: SequenceBatch, loss_args: dict | None = None, *,
+    def forward(self, batch: SequenceBatch | PackedBatch, loss_args: dict | None = None, *,
                 entropy_temperature: float | None = None):
         """``loss_args`` None: ``(logp, entropy)`` ``[B, C]`` (0 on masked tokens), both at the
         batch's temperatures, or the entropy at ``entropy_temperature`` when given (one more
         pass of the head, no second pass of the decoder). Else the ``agpo_loss`` keyword
-        arguments besides the batch's own: returns ``(loss, metrics)``."""
+        arguments besides the batch's own: returns ``(loss, metrics)``.
+
+        A ``PackedBatch`` (``agpo.packing``) runs the decoder on its real tokens only; its
+        per-token loss arguments (``old_logp``, ...) and results are in packed order ``[N]``,
+        except scoring, which returns ``[S, C]`` like a padded batch."""
+        if isinstance(batch, PackedBatch):
+            return self._forward_packed(batch, loss_args, entropy_temperature)
         hidden = self.completion_hidden(batch)
         weight, bias = self.head()
         if hidden.dtype != weight.dtype:
@@ -136,3 +150,23 @@ class Policy(nn.Module):
             return logp, ent
         return agpo_loss(hidden, weight, batch.completion_ids, mask=mask, temperature=batch.temperature,
                          bias=bias, impl=self.impl, memory_budget=self.memory_budget, **loss_args)
+
+    def _forward_packed(self, packed: PackedBatch, loss_args: dict | None, entropy_temperature: float | None):
+        hidden = self.packed_hidden(packed)
+        weight, bias = self.head()
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        kw = dict(bias=bias, impl=self.impl, memory_budget=self.memory_budget)
+        if loss_args is not None:
+            return agpo_loss(hidden, weight, packed.targets, cu_seqlens=packed.cu_seqlens,
+                             temperature=packed.temperature, **kw, **loss_args)
+        lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
+        temp = packed.temperature.to(hidden.device).repeat_interleave(lens.to(hidden.device))
+        logp = hidden.new_zeros(packed.token_mask.shape, dtype=torch.float32)
+        ent = torch.zeros_like(logp)
+        if packed.targets.numel():
+            lp, h = linear_logprobs(hidden, weight, packed.targets, temperature=temp, **kw)
+            if entropy_temperature is not None and not bool((temp == entropy_temperature).all()):
+                h = linear_logprobs(hidden, weight, packed.targets, temperature=entropy_temperature, **kw)[1]
+            logp[packed.token_mask], ent[packed.token_mask] = lp, h
+        return logp, ent

@@ -29,8 +29,11 @@ from agpo import checkpoint as ckpt
 from agpo.config import ConfigError, TrainConfig, config_from_args
 from agpo.data import DataError, held_out, load_problems
 from agpo.distributed import DistEnv, broadcast_object, export_hf, init_distributed, shutdown_distributed
+from agpo.liger import LigerError, apply_liger, liger_available
+from agpo.loading import empty_model, weights_dir
 from agpo.metrics_log import MetricsLogger
-from agpo.models import PRESETS, ModelNotFoundError, load_model_and_tokenizer, resolve_attn, resolve_dtype
+from agpo.models import (PRESETS, ModelNotFoundError, load_model_and_tokenizer, prepare_tokenizer, resolve_attn,
+                         resolve_dtype)
 from agpo.policy import Policy
 from agpo.sft import supervised_warmup
 from agpo.trainer import Trainer
@@ -44,6 +47,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.data.dataset = preset.dataset if preset else "gsm8k"
     if cfg.model.device == "auto":
         cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.model.liger is None:
+        cfg.model.liger = cfg.model.device.startswith("cuda") and liger_available()
     if cfg.rollout.max_new_tokens is None:
         cfg.rollout.max_new_tokens = preset.max_new_tokens if preset else 512
     if cfg.optim.micro_batch_tokens is None:
@@ -74,11 +79,25 @@ def _find_start(cfg: TrainConfig, out: Path, ref_dir: Path, env: DistEnv) -> tup
     return found
 
 
-def _reference(cfg: TrainConfig, model, ref_dir: Path | None, saved: dict | None, load_kw: dict):
+def _streamed_weights(cfg: TrainConfig, env: DistEnv, source: str, resuming: bool) -> Path | None:
+    """The safetensors folder the ranks read their shards from (``agpo.loading``), or None
+    for the plain path: one process, LoRA, a warm-up still to run (it trains a replicated
+    model), or weights that are no local safetensors folder. Rank 0 finds it (converting
+    the SmolLM2 preset once) and tells the others."""
+    if not env.distributed or cfg.model.lora_rank or (cfg.warmup.sft_steps and not resuming):
+        return None
+    return broadcast_object(weights_dir(source) if env.is_main else None, env)
+
+
+def _reference(cfg: TrainConfig, model, ref_dir: Path | None, saved: dict | None, load_kw: dict,
+               stream: Path | None = None, attn: str | None = None):
     """The frozen reference of the KL term for full fine-tuning with beta > 0 (LoRA uses the
-    base with adapters off): the warmed-up start (``ref_dir``) or ``--model``."""
+    base with adapters off): the warmed-up start (``ref_dir``) or ``--model``; empty when its
+    shards are read from ``stream`` (the same start)."""
     if cfg.loss.beta == 0 or cfg.model.lora_rank:
         return None
+    if stream is not None:
+        return empty_model(stream, dtype=load_kw["dtype"], attn=attn).requires_grad_(False)
     if saved:
         src = str(ref_dir) if ref_dir is not None else cfg.model.model
         ref = load_model_and_tokenizer(src, seed=cfg.run.seed, **load_kw)[0]
@@ -110,7 +129,14 @@ def run(cfg: TrainConfig) -> dict:
     sharded_gpu = env.distributed and env.device.type == "cuda"
     load_kw = dict(dtype=compute, device="cpu" if sharded_gpu else str(env.device), attn=attn)
     source = str(ref_dir) if saved and have_ref else m.model
-    model, tok = load_model_and_tokenizer(source, seed=cfg.run.seed, **load_kw)
+    stream = _streamed_weights(cfg, env, source, saved is not None)
+    if stream:  # empty here, each rank's shards read from the files once sharded (agpo.loading)
+        from transformers import AutoTokenizer
+
+        model = empty_model(stream, dtype=compute, attn=attn)
+        tok = prepare_tokenizer(model, AutoTokenizer.from_pretrained(str(stream)))
+    else:
+        model, tok = load_model_and_tokenizer(source, seed=cfg.run.seed, **load_kw)
     train_problems = load_problems(cfg.data, split="train")
     eval_problems = load_problems(held_out(cfg.data), split="test", limit=cfg.run.eval_size) if cfg.run.eval_size else []
 
@@ -128,10 +154,18 @@ def run(cfg: TrainConfig) -> dict:
             if env.is_main:
                 model.save_pretrained(str(ref_dir))
                 tok.save_pretrained(str(ref_dir))
-    ref_model = _reference(cfg, model, ref_dir if have_ref else None, saved, load_kw)
+    ref_model = _reference(cfg, model, ref_dir if have_ref else None, saved, load_kw, stream, attn)
+    if m.liger:
+        for net in (model, ref_model):
+            if net is not None:
+                family = apply_liger(net, str(env.device))
+        _say(env, f"agpo: Liger-Kernel RMSNorm, RoPE and SwiGLU in the {family} decoder")
 
-    trainer = Trainer(cfg, model, tok, train_problems, ref_model=ref_model, env=env, compute_dtype=compute)
+    trainer = Trainer(cfg, model, tok, train_problems, ref_model=ref_model, env=env, compute_dtype=compute,
+                      weights=stream, ref_weights=stream if ref_model is not None else None)
     _say(env, f"agpo: {trainer.layout.describe()}")
+    if stream:
+        _say(env, f"agpo: weights read into the shards from {stream} (no rank holds the whole model)")
     if saved:
         trainer.load_checkpoint(resume, saved)
         ckpt.set_rng_state(saved["rng"])
@@ -207,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg)
         finally:
             shutdown_distributed()
-    except (ConfigError, DataError, ModelNotFoundError, ckpt.CheckpointError) as e:
+    except (ConfigError, DataError, ModelNotFoundError, ckpt.CheckpointError, LigerError) as e:
         print(f"agpo.train: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # a bad flag value found while building the run (e.g. --reward)

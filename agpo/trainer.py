@@ -34,6 +34,7 @@ from agpo.data import Problem, format_prompt, uses_chat_template
 from agpo.distributed import DistEnv, all_reduce_sum, gather_objects
 from agpo.eval import PLAIN_STOP, evaluate
 from agpo.parallel import prepare_layout
+from agpo.packing import micro_batches, pack, processed_tokens
 from agpo.policy import Policy, SequenceBatch
 from agpo.rewards import correctness_reward, is_correct, load_reward, score
 from agpo.rollout import Rollout, sample_groups
@@ -91,36 +92,12 @@ def lr_lambda(total: int, warmup_ratio: float, schedule: str, min_ratio: float):
     return f
 
 
-def micro_batches(batch: SequenceBatch, max_tokens: int) -> list[torch.Tensor]:
-    """Row-index groups whose padded size ``rows x (prompt + completion width)`` stays within
-    ``max_tokens`` (a single longer row gets a micro-batch of its own); rows are sorted by
-    length so padding stays small."""
-    plen = batch.prompt_mask.sum(1)
-    clen = batch.completion_mask.sum(1)
-    order = torch.argsort(plen + clen, descending=True, stable=True).tolist()
-    groups, cur, wp, wc = [], [], 0, 0
-    for i in order:
-        np_, nc = max(wp, int(plen[i])), max(wc, int(clen[i]))
-        if cur and (len(cur) + 1) * (np_ + nc) > max_tokens:
-            groups.append(torch.tensor(cur))
-            cur, np_, nc = [], int(plen[i]), int(clen[i])
-        cur.append(i)
-        wp, wc = np_, nc
-    if cur:
-        groups.append(torch.tensor(cur))
-    return groups
-
-
 def scoring_batch(batch: SequenceBatch, score_temperature: str) -> SequenceBatch:
     """The batch the loss and the scoring passes see: the rows at their sampling
     temperatures (``sample``) or all at temperature 1 (``one``, the paper's code)."""
     if score_temperature == "one":
         return replace(batch, temperature=torch.ones_like(batch.temperature))
     return batch
-
-
-def _cols(t: torch.Tensor, width: int) -> torch.Tensor:
-    return t[:, :width]
 
 
 def _group_token_mean(values: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -143,7 +120,8 @@ class Trainer:
     the controllers run on the gathered, global batch, so every rank holds the same state."""
 
     def __init__(self, cfg, model, tokenizer, train_problems: list[Problem], *, ref_model=None,
-                 env: DistEnv | None = None, compute_dtype: torch.dtype | None = None):
+                 env: DistEnv | None = None, compute_dtype: torch.dtype | None = None, weights=None,
+                 ref_weights=None):
         self.cfg = cfg
         self.env = env or DistEnv(0, 1, 0, next(model.parameters()).device)
         if cfg.rollout.prompts_per_step % self.env.world_size:
@@ -151,7 +129,8 @@ class Trainer:
                              f"size {self.env.world_size} (each rank takes whole groups)")
         if cfg.loss.beta > 0 and ref_model is None and cfg.model.lora_rank == 0:
             raise ValueError("--beta > 0 needs a reference model")
-        self.layout = prepare_layout(cfg, model, self.env, ref_model=ref_model, compute_dtype=compute_dtype)
+        self.layout = prepare_layout(cfg, model, self.env, ref_model=ref_model, compute_dtype=compute_dtype,
+                                     weights=weights, ref_weights=ref_weights)
         self.model, self.tokenizer = self.layout.model, tokenizer
         self.policy = self.layout.policy
         self.device = self.env.device
@@ -217,15 +196,28 @@ class Trainer:
         entropy at ``entropy_temperature`` when given, else at the batch's temperatures."""
         logp = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
         ent = torch.zeros_like(logp)
-        groups = micro_batches(batch, 2 * self.cfg.optim.micro_batch_tokens)
+        groups = micro_batches(batch, 2 * self.cfg.optim.micro_batch_tokens, packed=self.cfg.optim.packing)
         for idx in self._same_count(groups):
-            mb = batch.select(groups[0] if idx is None else idx)
-            lp, h = policy(mb.to(self.device), entropy_temperature=entropy_temperature)
+            inp, _ = self._micro(batch, groups[0] if idx is None else idx)
+            lp, h = policy(inp, entropy_temperature=entropy_temperature)
             if idx is not None:
-                C = mb.completion_ids.shape[1]
+                C = lp.shape[1]
                 logp[idx, :C], ent[idx, :C] = lp.float().cpu(), h.float().cpu()
         self.layout.release()
         return logp, ent
+
+    def _micro(self, batch: SequenceBatch, idx: torch.Tensor, **per_token):
+        """Micro-batch ``idx`` as the policy takes it (packed padding-free, or padded rows
+        trimmed to their widths) on the device, and the given per-token ``[R, C]`` tensors
+        (None stays None) in the same layout."""
+        mb = batch.select(idx)
+        if self.cfg.optim.packing:
+            inp = pack(mb)
+            layout = lambda t: inp.flat(t[idx])
+        else:
+            inp, C = mb, mb.completion_ids.shape[1]
+            layout = lambda t: t[idx][:, :C]
+        return inp.to(self.device), {k: None if t is None else layout(t).to(self.device) for k, t in per_token.items()}
 
     def _share(self, batch: SequenceBatch, idx: torch.Tensor, total: dict[str, float]) -> float:
         """Micro-batch ``idx``'s weight in the global loss: its share of all ranks' tokens
@@ -239,8 +231,10 @@ class Trainer:
         """``update_epochs`` optimiser steps on one rollout batch; per-row ``adv``, ``eps``."""
         cfg, world = self.cfg, self.env.world_size
         self.policy.train()
-        groups = micro_batches(batch, cfg.optim.micro_batch_tokens)
-        total = all_reduce_sum({"tokens": float(batch.completion_mask.sum()), "rows": float(batch.rows)}, self.env)
+        groups = micro_batches(batch, cfg.optim.micro_batch_tokens, packed=cfg.optim.packing)
+        real, processed = processed_tokens(batch, groups, packed=cfg.optim.packing)
+        total = all_reduce_sum({"tokens": float(batch.completion_mask.sum()), "rows": float(batch.rows),
+                                "real": float(real), "processed": float(processed)}, self.env)
         sums = {"clip_frac": 0.0, "ratio_mean": 0.0, "kl_mean": 0.0}
         losses, norms = [], []
         for _ in range(cfg.optim.update_epochs):
@@ -249,21 +243,20 @@ class Trainer:
             for idx in self._same_count(groups):
                 real = idx is not None
                 idx = idx if real else groups[0]  # a zero-weight pass keeps the ranks' collectives paired
-                mb = batch.select(idx)
-                C = mb.completion_ids.shape[1]
-                args = dict(advantages=adv[idx].to(self.device), old_logp=_cols(old_logp[idx], C).to(self.device),
+                inp, tok = self._micro(batch, idx, old_logp=old_logp, ref_logp=ref_logp)
+                args = dict(advantages=adv[idx].to(self.device), old_logp=tok["old_logp"],
                             eps_low=eps[idx].to(self.device), eps_high=(eps[idx] + cfg.loss.eps_high_offset).to(self.device),
                             beta=cfg.loss.beta, kl_estimator=cfg.loss.kl_estimator,
                             entropy_coef=cfg.loss.entropy_coef, dual_clip=cfg.loss.dual_clip,
                             loss_agg=cfg.loss.loss_agg, max_len=cfg.rollout.max_new_tokens)
-                if ref_logp is not None:
-                    args["ref_logp"] = _cols(ref_logp[idx], C).to(self.device)
-                loss, m = self.policy(mb.to(self.device), args)
+                if tok["ref_logp"] is not None:
+                    args["ref_logp"] = tok["ref_logp"]
+                loss, m = self.policy(inp, args)
                 w = self._share(batch, idx, total) if real else 0.0
                 (loss * (w * world)).backward()  # FSDP averages gradients over ranks
                 if real:
                     epoch_loss += float(loss.detach()) * w
-                    share = float(mb.completion_mask.sum()) / max(1.0, total["tokens"]) / cfg.optim.update_epochs
+                    share = float(batch.completion_mask[idx].sum()) / max(1.0, total["tokens"]) / cfg.optim.update_epochs
                     for k in sums:
                         sums[k] += float(m[k]) * share
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -279,6 +272,8 @@ class Trainer:
         losses = [sums[f"loss{i}"] for i in range(len(losses))]
         out = {"loss/policy": losses[0], "loss/policy_last": losses[-1], "loss/clip_frac": sums["clip_frac"],
                "loss/ratio_mean": sums["ratio_mean"], "optim/grad_norm": sum(norms) / len(norms),
+               "update/real_tokens": total["real"] * cfg.optim.update_epochs,
+               "update/processed_tokens": total["processed"] * cfg.optim.update_epochs,
                "optim/lr": self.scheduler.get_last_lr()[0]}
         if ref_logp is not None:
             out["kl/ref"] = sums["kl_mean"]

@@ -60,8 +60,28 @@ def train_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def update_table(rows: list[dict]) -> str:
+    """Padded vs packed rows (``extra_info["bench"]`` "update" or "step"): time, tokens
+    really processed, real tokens/s and peak memory, with the packed speed-up."""
+    rows = [r for r in rows if r["extra_info"].get("bench") in ("update", "step")]
+    if not rows:
+        return ""
+    medians = {(r["extra_info"]["bench"], r["extra_info"]["layout"]): r["median"] for r in rows}
+    lines = ["| what | layout | median s | real tokens | processed tokens | processed / real | real tok/s "
+             "| vs padded | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = r["extra_info"]
+        padded = medians.get((x["bench"], "padded"))
+        lines.append(f"| {x['bench']} ({x['model']}, {x['device']}) | {x['layout']} | {r['median']:.3f} "
+                     f"| {x['real_tokens']:.0f} | {x['processed_tokens']:.0f} "
+                     f"| {x['processed_tokens'] / x['real_tokens']:.2f} | {x['real_tokens'] / r['median']:.0f} "
+                     f"| {padded / r['median']:.2f}x | {x['peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     data = json.load(open(sys.argv[1]))
     rows = [dict(median=b["stats"]["median"], extra_info=b["extra_info"]) for b in data["benchmarks"]]
     print(markdown_table(rows))
     print(train_table(rows))
+    print(update_table(rows))

@@ -1,0 +1,130 @@
+"""The update side of a step on a real model: padded vs packed micro-batches (issue 18).
+
+``pytest bench/test_bench_update.py --benchmark-only``: the smollm2-135m preset (CPU; on a
+GPU also the tiny preset, with Liger's decoder kernels on and off).
+
+- ``update``: one update pass (``update_epochs=1``) of ``Trainer.update`` over a rollout
+  batch with a realistic length spread: 32 rows, prompts of 40-120 tokens, completions
+  drawn log-normally around 60 tokens and cut at the preset's cap of 256 (GSM8K/MATH-like:
+  tens to hundreds of tokens in one group). Padded and packed run the same rows with the
+  same micro-batch budget.
+- ``step``: one full AGPO step (probe, rollouts, scoring, update, step KL) on chain_sum,
+  4 prompts x G=4, 64 new tokens.
+
+``extra_info`` carries the real and processed token counts, tokens/s and the peak memory
+of one call (CUDA: ``max_memory_allocated`` growth; CPU: VmHWM growth, reset first).
+"""
+
+import copy
+import statistics
+
+import pytest
+import torch
+
+from agpo.config import TrainConfig
+from agpo.data import load_problems
+from agpo.models import ModelNotFoundError, load_model_and_tokenizer
+from agpo.policy import SequenceBatch
+from agpo.train import resolve_defaults
+from agpo.trainer import Trainer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _peak_reset() -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def _peak_growth(base: float) -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20 - base
+    return _status_mib("VmHWM") - base
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def realistic_batch(vocab: int, rows: int = 32, cap: int = 256, seed: int = 0) -> SequenceBatch:
+    g = torch.Generator().manual_seed(seed)
+    plens = torch.randint(40, 121, (rows,), generator=g)
+    clens = (60 * torch.exp(0.8 * torch.randn(rows, generator=g))).round().clamp(8, cap).long()
+    P, C = int(plens.max()), int(clens.max())
+    batch = SequenceBatch(torch.zeros(rows, P, dtype=torch.long), torch.zeros(rows, P, dtype=torch.long),
+                          torch.zeros(rows, C, dtype=torch.long), torch.zeros(rows, C, dtype=torch.long),
+                          torch.ones(rows))
+    for r, (p, c) in enumerate(zip(plens.tolist(), clens.tolist())):
+        batch.prompt_ids[r, P - p:] = torch.randint(3, vocab, (p,), generator=g)
+        batch.prompt_mask[r, P - p:] = 1
+        batch.completion_ids[r, :c] = torch.randint(3, vocab, (c,), generator=g)
+        batch.completion_mask[r, :c] = 1
+    return batch
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_model_and_tokenizer("smollm2-135m", device=DEVICE)
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def _trainer(model, tok, packing: bool, **over) -> Trainer:
+    cfg = TrainConfig()
+    cfg.model.model, cfg.model.device = "smollm2-135m", DEVICE
+    cfg.data.dataset = "chain_sum"
+    cfg.optim.update_epochs, cfg.optim.packing = 1, packing
+    cfg.optim.micro_batch_tokens = 2048
+    for k, v in over.items():
+        for section in (cfg.rollout, cfg.optim, cfg.run, cfg.model):
+            if hasattr(section, k):
+                setattr(section, k, v)
+    return Trainer(resolve_defaults(cfg), copy.deepcopy(model), tok, load_problems(cfg.data, split="train"))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_update_pass(benchmark, smollm2, layout):
+    model, tok = smollm2
+    tr = _trainer(model, tok, packing=layout == "packed")
+    batch = realistic_batch(model.config.vocab_size)
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(batch.rows, generator=g)
+    old = -2.0 + 0.1 * torch.randn(batch.completion_ids.shape, generator=g)
+    eps = torch.full((batch.rows,), 0.2)
+    tr.update(batch, adv, eps, old, None)  # warm-up
+    seen = []
+    base = _peak_reset()
+    benchmark.pedantic(lambda: seen.append(tr.update(batch, adv, eps, old, None)), rounds=3, iterations=1)
+    m = seen[-1]
+    benchmark.extra_info.update(bench="update", model="smollm2-135m", layout=layout, device=DEVICE,
+                                rows=batch.rows, real_tokens=m["update/real_tokens"],
+                                processed_tokens=m["update/processed_tokens"], peak_mib=_peak_growth(base))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_full_step(benchmark, smollm2, layout):
+    model, tok = smollm2
+    tr = _trainer(model, tok, packing=layout == "packed", prompts_per_step=4, group_size=4, max_new_tokens=64,
+                  update_epochs=2)
+    tr.step()
+    seen = []
+    base = _peak_reset()
+    benchmark.pedantic(lambda: seen.append(tr.step()), rounds=3, iterations=1)
+    benchmark.extra_info.update(
+        bench="step", model="smollm2-135m", layout=layout, device=DEVICE,
+        real_tokens=statistics.median(m["update/real_tokens"] for m in seen),
+        processed_tokens=statistics.median(m["update/processed_tokens"] for m in seen),
+        update_s=statistics.median(m["time/update"] for m in seen),
+        generate_s=statistics.median(m["time/generate"] + m.get("time/generate_probe", 0.0) for m in seen),
+        peak_mib=_peak_growth(base))
