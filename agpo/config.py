@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from agpo.controllers import ControllerConfig
-from agpo.data import DataConfig
+from agpo.data import DataConfig, task_options
 from agpo.recipes import apply_recipe
 
 ALGOS = ("agpo", "grpo")
@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         "supervised warm-up, then AGPO; prints held-out accuracy before and after RL."),
         argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML file with sections " + ", ".join(SECTIONS) + "; flags override it")
+    p.add_argument("--task-option", action="append", dest="data.generator_options", metavar="KEY=VALUE",
+                   help="reasoning-gym generator option of the task, repeatable (e.g. --task-option max_terms=2); "
+                        "values read as JSON")
     seen: dict[str, str] = {}
     for section, kind in SECTIONS.items():
         group = p.add_argument_group(section)
@@ -408,6 +411,12 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     ns = vars(parser.parse_args(argv))
     base = load_yaml(ns.pop("config")) if "config" in ns else {}
     base = {k: dict(v or {}) for k, v in base.items()} if isinstance(base, dict) else base
+    if "data.generator_options" in ns:
+        try:
+            options = task_options(ns["data.generator_options"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        ns["data.generator_options"] = {**((base.get("data") or {}).get("generator_options") or {}), **options}
     for key, value in ns.items():
         section, name = key.split(".", 1)
         base.setdefault(section, {})[name] = value

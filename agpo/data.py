@@ -299,6 +299,21 @@ def held_out(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
+def task_options(items: list[str]) -> dict:
+    """``--task-option KEY=VALUE`` strings as a dict; a value that parses as JSON is taken as
+    such (``max_terms=2`` -> 2)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--task-option {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 # -- the dispatcher ----------------------------------------------------------------------
 def load_problems(cfg: DataConfig | None = None, **overrides) -> list[Problem]:
     """The problems ``cfg`` (with ``overrides`` applied) describes; see the module docstring."""

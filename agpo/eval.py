@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from agpo.data import DataConfig, DataError, Problem, format_prompt, load_problems, uses_chat_template
+from agpo.data import DataConfig, DataError, Problem, format_prompt, load_problems, task_options, uses_chat_template
 from agpo.models import CHAR_VOCAB, PRESETS, ModelNotFoundError, load_model_and_tokenizer
 from agpo.rewards import DEFAULT_VERIFIER, answer_key, extract_answer, is_correct
 
@@ -212,20 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/MODEL_DATASET_SPLIT)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
-
-
-def task_options(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings as a dict; a value that parses as JSON is taken as such."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--task-option {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

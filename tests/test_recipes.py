@@ -152,3 +152,9 @@ def test_presets_choose_their_task(tmp_path):
     assert len(load_problems(held_out(cfg.data), split="test")) == len(train)
     arith = resolve_defaults(config_from_args([])).data
     assert held_out(arith) is arith
+    # reasoning-gym options from the command line, over the YAML's
+    (tmp_path / "c.yaml").write_text("data: {generator_options: {min_terms: 3, max_digits: 2}}\n")
+    opts = config_from_args(["--config", str(tmp_path / "c.yaml"), "--task-option", "min_terms=2"]).data
+    assert opts.generator_options == {"min_terms": 2, "max_digits": 2}
+    with pytest.raises(ConfigError, match="--task-option"):
+        config_from_args(["--task-option", "max_terms"])
