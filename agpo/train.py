@@ -37,7 +37,7 @@ from agpo.guard import EXIT_OK, EXIT_PREEMPTED, exit_status, last_checkpoint_nam
 from agpo.metrics_log import MetricsLogger
 from agpo.models import PRESETS, load_model_and_tokenizer, resolve_attn, resolve_dtype
 from agpo.policy import Policy
-from agpo.preempt import Preemption, describe
+from agpo.preempt import Preemption, describe, ignore_preemption
 from agpo.sft import supervised_warmup
 from agpo.trainer import Trainer
 
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         status = exit_status(e, out_dir=cfg and cfg.run.out_dir, dist_timeout=cfg and cfg.run.dist_timeout)
         if status is None:
             raise
+        if torch.distributed.is_initialized():
+            ignore_preemption()  # leaving with this status: torchrun's SIGTERM to the survivors must not replace it
     finally:
         shutdown_distributed()  # after exit_status: it asks the process group who failed
     if status is not None:
