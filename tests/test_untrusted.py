@@ -116,7 +116,7 @@ def pool():
 @pytest.mark.timeout(300)
 def test_fuzz_batch_finishes_within_the_bound(pool):
     completions = pathological() + towers()
-    refs = [REFERENCES[i % len(REFERENCES)] for i in range(len(completions))]
+    refs = [REFERENCES[i % len(REFERENCES)] for i in range(len(pathological()))] + ["3"] * len(towers())
     before = pool.stats.snapshot()
     t0 = time.perf_counter()
     res = score_batch(correctness_with_format, ["q"] * len(completions), completions, refs, verifier=pool)
@@ -128,10 +128,9 @@ def test_fuzz_batch_finishes_within_the_bound(pool):
     assert elapsed < BATCH_BOUND_S, (elapsed, delta)
     # every tower that reached math-verify missed its deadline: counted, scored 0, never silent
     n = len(towers())
-    verified = {verification_pair(c, r) for c, r in zip(completions[-n:], refs[-n:])} - {None}
-    assert len(verified) >= n // 2
+    assert len({verification_pair(c, r) for c, r in zip(completions[-n:], refs[-n:])} - {None}) == n
     assert all(v in (0.0, 0.1) for v in res.values[-n:])
-    assert delta["timeouts"] + delta["errors"] >= len(verified), delta
+    assert delta["timeouts"] + delta["errors"] >= n, delta
     assert delta["oversized"] > 0  # the size limits turned answers away before parsing
     # the same batch row by row gives the same rewards (one verdict per pair, cached or not)
     assert [correctness_reward("q", c, r) for c, r in zip(completions[:40], refs[:40])] == \
