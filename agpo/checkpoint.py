@@ -88,8 +88,10 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     npy = state["numpy"]
-    np.random.set_state({"bit_generator": npy["bit_generator"], "has_gauss": npy["has_gauss"], "gauss": npy["gauss"],
-                         "state": {"key": np.asarray(npy["key"], dtype=np.uint32), "pos": npy["pos"]}})
+    if isinstance(npy, dict):
+        npy = {"bit_generator": npy["bit_generator"], "has_gauss": npy["has_gauss"], "gauss": npy["gauss"],
+               "state": {"key": np.asarray(npy["key"], dtype=np.uint32), "pos": npy["pos"]}}
+    np.random.set_state(npy)  # (a tuple: a checkpoint written before the plain form)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -116,6 +118,17 @@ def _failure(e: BaseException) -> str:
         cause = wrapped[0] if isinstance(wrapped, tuple) else wrapped
         return f"rank {rank}: {type(cause).__name__}: {cause}"
     return f"{type(e).__name__}: {e}"
+
+
+def _space(root: Path, before: list) -> str:
+    """Free space where checkpoints go, and what the last one took (a full disk often shows
+    up as a torch or DCP error that does not say so)."""
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+    except OSError:
+        return "free space unknown"
+    last = sum(f.stat().st_size for f in before[-1][1].rglob("*") if f.is_file()) if before else 0
+    return f"{free / 2**20:.0f} MiB free there" + (f", the last checkpoint took {last / 2**20:.0f} MiB" if last else "")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -171,8 +184,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, state: dic
         if env is None or env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         prev = f"the previous checkpoint {before[-1][1]} is untouched" if before else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"writing checkpoint {final} failed ({_failure(e)}); {prev}. Free space or "
-                                   f"fix the file system, then continue with --resume auto") from e
+        raise CheckpointWriteError(f"writing checkpoint {final} failed ({_failure(e)}; {_space(root, before)}); "
+                                   f"{prev}. Free space or fix the file system, then continue with --resume auto") from e
 
     def prune():
         for _, old in list_checkpoints(run_dir)[:-keep]:
@@ -191,12 +204,20 @@ def load_weights(path: Path, model, optimizer, *, trainable_only: bool = False) 
                               f"({type(e).__name__}: {e})") from e
 
 
+def _legacy_numpy_types() -> list:
+    """NumPy's array reconstruction, for the RNG state of checkpoints written before it was
+    stored as plain ints (torch's documented allow-list for NumPy arrays)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_state(path: Path) -> dict:
-    """``path``'s ``trainer_state.pt``, read with ``weights_only=True`` (plain values and
-    tensors only: a checkpoint from elsewhere cannot run code)."""
+    """``path``'s ``trainer_state.pt``, read with ``weights_only=True`` (plain values,
+    tensors and NumPy arrays only: a checkpoint from elsewhere cannot run code)."""
     file = Path(path) / STATE_FILE
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_legacy_numpy_types()):
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt, or holding arbitrary objects
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"checkpoint {path}: {file.name} is truncated, corrupt or holds more than plain "

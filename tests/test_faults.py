@@ -19,6 +19,7 @@ import shutil
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,6 +168,13 @@ def test_checkpoint_files_cannot_run_code(three, tmp_path):
     marker = tmp_path / "pwned"
     legit = ckpt.load_state(step)  # what the trainer stores loads with weights_only=True
     assert legit["trainer"]["step"] == 3 and isinstance(legit["rng"]["numpy"]["key"], list)
+    # a state written before the RNG states were plain values (NumPy's tuple) still loads and restores
+    np.random.seed(3)
+    old = {**legit, "rng": {**legit["rng"], "numpy": np.random.get_state()}}
+    want = np.random.random(4)
+    torch.save(old, step / "trainer_state.pt")
+    ckpt.set_rng_state(ckpt.load_state(step)["rng"])
+    assert np.array_equal(np.random.random(4), want)
     torch.save({**legit, "x": _Planted(marker)}, step / "trainer_state.pt")
     with pytest.raises(ckpt.CheckpointError, match="trainer_state.pt"):
         ckpt.load_state(step)

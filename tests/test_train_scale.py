@@ -295,6 +295,7 @@ def test_a_killed_rank_makes_the_other_exit_within_the_dist_timeout(tmp_path):
         elapsed = time.monotonic() - t0
     finally:
         p.kill()
+    print(f"\ntorchrun exited {elapsed:.1f} s after rank 1 was killed (--dist-timeout {timeout_s})")
     assert elapsed < timeout_s, elapsed
     assert "rank 0 lost contact with the other ranks" in err, err[-4000:]
     assert "step-000001" in err and "--resume auto" in err
