@@ -235,7 +235,7 @@ def validate(path: Path) -> dict:
     try:
         check_folder(Path(path) / WEIGHTS_DIR)
     except ValueError as e:
-        raise CheckpointError(f"checkpoint {path}: {e}") from None
+        raise CheckpointError(f"checkpoint {path}: {str(e).replace(f'{Path(path)}{os.sep}', '')}") from None
     return state
 
 
