@@ -29,7 +29,8 @@ import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 METADATA_FILE = ".metadata"
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata",)
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata",  # and where older torch kept TensorProperties:
+                "torch.distributed._shard.sharded_tensor.metadata")
 _ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
             ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
             ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),

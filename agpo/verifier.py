@@ -8,10 +8,11 @@ script), with two deadlines:
 
 - **per comparison** (``timeout``): the worker arms ``setitimer`` and abandons the
   comparison when it fires (reported as a timeout; the worker stays up). A worker that
-  still has not answered ``grace`` seconds later (stuck in C code) is killed and a new one
-  started in the background.
+  still has not answered ``hard_grace`` seconds later (stuck in C code) is killed and a
+  new one started in the background.
 - **per batch** (``batch_timeout``): ``verify_many`` returns by then whatever happens;
-  comparisons not finished count as timeouts (busy workers are killed and restarted).
+  comparisons not finished count as timeouts (a worker still on one finishes it under its
+  own deadline; its late answer is ignored).
 
 ``MathVerifier.verify_many(pairs)`` spreads ``(gold, pred)`` pairs over the workers and
 returns ``True`` / ``False`` per pair, or ``None`` where no verdict could be had (timeout,
@@ -256,7 +257,7 @@ class MathVerifier:
 
     def verify_many(self, pairs, *, batch_timeout: float | None = None) -> list[bool | None]:
         """Verdicts for ``(gold, pred)`` pairs, spread over the workers; returns within
-        ``batch_timeout`` (default ``self.batch_timeout``) plus at most one worker kill."""
+        ``batch_timeout`` (default ``self.batch_timeout``), give or take a worker kill."""
         pairs = [(str(g), str(p)) for g, p in pairs]
         n = len(pairs)
         results: list[bool | None] = [None] * n

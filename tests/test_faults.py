@@ -27,9 +27,10 @@ from agpo import checkpoint as ckpt
 from agpo.config import TrainConfig
 from agpo.data import load_problems
 from agpo.dcp_safe import SafeLoadPlanner, check_folder, read_extra
-from agpo.guard import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_USAGE
+from agpo.guard import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_USAGE, GuardConfig
 from agpo.metrics_log import read_metrics
 from agpo.models import load_model_and_tokenizer
+from agpo.rewards import DEFAULT_VERIFIER, RewardError
 from agpo.train import main, resolve_defaults, run
 from agpo.trainer import TIME_KEYS, Trainer
 
@@ -105,6 +106,30 @@ def test_run_stops_after_max_skipped_steps_with_its_last_good_checkpoint(tmp_pat
     assert steps_saved(out) == [1]
     state = ckpt.validate(ckpt.checkpoint_dir(out) / "step-000001")
     assert state["trainer"]["step"] == 1 and state["trainer"]["skipped_in_a_row"] == 0
+
+
+@pytest.fixture
+def default_verifier_restored():
+    """The trainer configures the process-wide verifier from its flags: put it back."""
+    yield
+    g = GuardConfig()
+    DEFAULT_VERIFIER.configure(timeout=g.verifier_timeout, workers=g.verifier_workers,
+                               batch_timeout=g.verifier_batch_timeout)
+
+
+def test_verifier_failures_and_reward_errors_reach_the_step_metrics(tmp_path, default_verifier_restored):
+    """A math-verify timeout inside the run and a reward that raises: by default the run
+    stops with the row and its text; with --reward-errors zero the row scores 0, and the
+    step's metrics count both (never silent)."""
+    args = ARGS + ["--steps", "1", "--verifier-timeout", "0.5", "--verifier-workers", "1",
+                   "--reward", f"{REWARDS}:fragile"]
+    with pytest.raises(RewardError, match=r"raised on row 1: KeyError.*completion '"):
+        main(args + ["--out-dir", str(tmp_path / "a")])
+    with pytest.warns(UserWarning, match="--reward-errors zero: 1 row"):
+        assert main(args + ["--out-dir", str(tmp_path / "b"), "--reward-errors", "zero"]) == 0
+    (row,) = read_metrics(tmp_path / "b")
+    assert row["reward/errors"] == 1
+    assert row["verifier/calls"] == 1 and row["verifier/timeouts"] == 1 and row["verifier/errors"] == 0
 
 
 # -- damaged checkpoints --------------------------------------------------------------------
