@@ -17,6 +17,7 @@ docs/operations.md is the user's view of all of it. Here:
 from __future__ import annotations
 
 import copy
+import errno
 import math
 import re
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ EXIT_DIVERGED = 3
 EXIT_RANK_LOST = 69
 """Under torchrun: another rank died or stopped answering (collectives give up after --dist-timeout)."""
 EXIT_CHECKPOINT_WRITE = 74
-"""A checkpoint could not be written (disk full, ...); the previous one is intact."""
+"""A checkpoint (or another run file) could not be written (disk full, ...); the previous checkpoint is intact."""
 EXIT_PREEMPTED = 75
 """SIGTERM / SIGUSR1: the current step was finished and checkpointed; continue with --resume auto."""
 
@@ -152,29 +153,30 @@ def _dist_failure(exc: BaseException) -> bool:
 def exit_status(exc: BaseException, *, out_dir: str | None = None, dist_timeout: float | None = None):
     """``(status, message)`` for an exception that ended a run, or None for an unexpected
     one (re-raise it: the traceback is the message)."""
-    from agpo.checkpoint import CheckpointError, CheckpointWriteError, list_checkpoints
+    from agpo.checkpoint import CheckpointError, CheckpointWriteError
     from agpo.config import ConfigError
     from agpo.data import DataError
     from agpo.models import ModelNotFoundError
 
     if isinstance(exc, TrainingDiverged):
         return EXIT_DIVERGED, str(exc)
-    if isinstance(exc, CheckpointWriteError):
-        return EXIT_CHECKPOINT_WRITE, str(exc)
     if isinstance(exc, (ConfigError, DataError, ModelNotFoundError, CheckpointError)):
         return EXIT_USAGE, str(exc)
     if isinstance(exc, ValueError) and str(exc).startswith("--"):  # a bad flag value found while building the run
         return EXIT_USAGE, str(exc)
-    if _dist_failure(exc):
+    if _dist_failure(exc):  # (also when it surfaced while a checkpoint was written)
         import torch.distributed as dist
-        found = list_checkpoints(out_dir) if out_dir else []
-        last = f"the last complete checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
+        last = last_checkpoint_name(out_dir) if out_dir else None
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         return EXIT_RANK_LOST, (
             f"rank {dist.get_rank()} lost contact with the other ranks ({type(exc).__name__}: {first}). "
             f"Another rank died (see its log / torchrun's failure summary) or did not answer for "
-            f"--dist-timeout ({dist_timeout} s). {last[0].upper() + last[1:]}; continue with --resume auto.")
-    if isinstance(exc, OSError) and exc.errno == 28:
+            f"--dist-timeout ({dist_timeout} s). "
+            + (f"The last complete checkpoint is {last}" if last else "No checkpoint was written yet")
+            + "; continue with --resume auto.")
+    if isinstance(exc, CheckpointWriteError):
+        return EXIT_CHECKPOINT_WRITE, str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return EXIT_CHECKPOINT_WRITE, f"{exc} (the disk is full; free space, then continue with --resume auto)"
     return None
 

@@ -169,6 +169,7 @@ class Trainer:
                                                    batch_timeout=g.verifier_batch_timeout)
         self.guard = StepGuard(g.max_skipped_steps)
         self.reward_errors = 0  # rows of this step scored 0 by --reward-errors zero
+        self._warned_reward_errors = False
         self.optimizer = torch.optim.AdamW(self.layout.trainable_parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay,
                                            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
@@ -220,7 +221,8 @@ class Trainer:
         res = score_batch(self.reward_fn, [p for p in prompts for _ in range(G)], roll.texts,
                           [q.reference for q in problems for _ in range(G)], on_error=self.cfg.guard.reward_errors,
                           verifier=self.verifier)
-        if res.errors:
+        if res.errors and not self._warned_reward_errors:  # once; reward/errors counts them every step
+            self._warned_reward_errors = True
             warnings.warn(f"--reward-errors zero: {len(res.errors)} row(s) scored 0, e.g. {res.errors[0]}")
         self.reward_errors += len(res.errors)
         return torch.tensor(res.values, dtype=torch.float64).view(len(problems), G)
