@@ -185,7 +185,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, state: dic
             shutil.rmtree(tmp, ignore_errors=True)
         prev = f"the previous checkpoint {before[-1][1]} is untouched" if before else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"writing checkpoint {final} failed ({_failure(e)}; {_space(root, before)}); "
-                                   f"{prev}. Free space or fix the file system, then continue with --resume auto") from e
+                                   f"{prev}. Free space or fix the file system, then continue with "
+                                   f"--resume auto") from e
 
     def prune():
         for _, old in list_checkpoints(run_dir)[:-keep]:

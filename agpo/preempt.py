@@ -13,10 +13,10 @@ or one worker is signalled by hand). ``Preemption.agreed(env)`` sums the per-ran
 in one small all-reduce per step, so every rank sees the same answer after the same step
 and all of them take the collective checkpoint together. A process that stops for a
 signal ignores these signals from then on, and so does one that leaves with an error
-status under torchrun (``ignore_preemption``): torchrun SIGTERMs the other workers as soon as one exits, and they are
-already leaving with their checkpoint and status (the interpreter resets a Python handler
-while it shuts down; SIG_IGN it keeps). Other signals keep their default behaviour
-(SIGINT: KeyboardInterrupt, no checkpoint).
+status under torchrun (``ignore_preemption``): torchrun SIGTERMs the other workers as
+soon as one exits, and they are already leaving with their checkpoint and status (the
+interpreter resets a Python handler while it shuts down; SIG_IGN it keeps). Other
+signals keep their default behaviour (SIGINT: KeyboardInterrupt, no checkpoint).
 """
 
 from __future__ import annotations
