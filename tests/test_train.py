@@ -3,7 +3,8 @@
 Covers the issue's list: per-row temperature really applied, the controllers' eps and
 tau reach the loss and the sampler, the loss decreases on a fixed batch, micro-batching
 gives the same update as one batch, no tokens x vocab tensor exists in a step, resume
-equivalence, bad flags and missing model paths.
+equivalence (also after a real SIGTERM to a ``python -m agpo.train`` process), bad flags
+and missing model paths.
 """
 
 import copy
