@@ -231,21 +231,22 @@ def _signalled_run(cfg: TrainConfig, out_dir: Path, sig: int, *, at_call: int) -
     (handshake / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(torch.get_num_threads()),
                AGPO_TEST_PAUSE_AT=str(at_call), AGPO_TEST_DIR=str(handshake))
-    p = subprocess.Popen([sys.executable, "-m", "agpo.train", "--config", str(handshake / "cfg.yaml"),
-                          "--out-dir", str(out_dir)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    logs = [handshake / "stdout", handshake / "stderr"]  # files, not pipes: nothing can block on a full pipe
+    with open(logs[0], "w") as out, open(logs[1], "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "agpo.train", "--config", str(handshake / "cfg.yaml"),
+                              "--out-dir", str(out_dir)], cwd=ROOT, env=env, stdout=out, stderr=err)
     try:
         deadline = time.monotonic() + 240
         while not (handshake / "ready").exists():
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            assert p.poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
             time.sleep(0.05)
         assert int((handshake / "ready").read_text()) == p.pid
         os.kill(p.pid, sig)
         (handshake / "go").touch()
-        out, err = p.communicate(timeout=240)
+        p.wait(timeout=240)
     finally:
         p.kill()
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    return subprocess.CompletedProcess(p.args, p.returncode, logs[0].read_text(), logs[1].read_text())
 
 
 def test_resume_gives_the_same_run(tmp_path):

@@ -236,9 +236,19 @@ PAUSING = f"{ROOT / 'tests/fixtures/fault_rewards.py'}:pausing"
 CALLS_PER_STEP = 2 * 2 * 4  # per rank: probe + train rollouts of its 2 prompts x 4 samples
 
 
+def kill_group(p: subprocess.Popen) -> None:
+    """torchrun and its workers (which outlive a killed torchrun), if still there."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
 def torchrun_paused(tmp_path: Path, **over) -> tuple[subprocess.Popen, Path]:
     """A 2-rank launch whose rank 1 pauses inside its reward in step 2 (its pid in
-    ``handshake/ready``) until ``handshake/go`` exists."""
+    ``handshake/ready``) until ``handshake/go`` exists; output in ``handshake/stdout``,
+    ``handshake/stderr`` (files: nothing blocks on a full pipe)."""
     handshake = tmp_path / "handshake"
     handshake.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), AGPO_TEST_RANK="1",
@@ -246,12 +256,13 @@ def torchrun_paused(tmp_path: Path, **over) -> tuple[subprocess.Popen, Path]:
     args = argv_for(tmp_path / "run", **{"steps": 20, "sft_steps": 0, "eval_size": 0, "reward": PAUSING, **over})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--monitor-interval", "0.5", "-m", "agpo.train", *args]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(handshake / "stdout", "w") as out, open(handshake / "stderr", "w") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
     deadline = time.monotonic() + 240
     while not (handshake / "ready").exists():
         if p.poll() is not None or time.monotonic() > deadline:
-            p.kill()
-            pytest.fail("rank 1 never reached its pause:\n" + "\n".join(x[-3000:] for x in p.communicate()))
+            kill_group(p)
+            pytest.fail("rank 1 never reached its pause:\n" + (handshake / "stderr").read_text()[-3000:])
         time.sleep(0.05)
     return p, handshake
 
@@ -270,9 +281,10 @@ def test_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     try:
         os.kill(int((handshake / "ready").read_text()), signal.SIGTERM)
         (handshake / "go").touch()
-        out, err = p.communicate(timeout=240)
+        p.wait(timeout=240)
     finally:
-        p.kill()
+        kill_group(p)
+    out, err = (handshake / "stdout").read_text(), (handshake / "stderr").read_text()
     assert "SIGTERM on 1 of 2 rank(s): stopped after step 2" in out, out[-3000:] + err[-3000:]
     assert exit_codes(err) == {0: 75, 1: 75}, err[-3000:]
     run_dir = tmp_path / "run"
@@ -291,10 +303,11 @@ def test_a_killed_rank_makes_the_other_exit_within_the_dist_timeout(tmp_path):
     try:
         os.kill(int((handshake / "ready").read_text()), signal.SIGKILL)
         t0 = time.monotonic()
-        out, err = p.communicate(timeout=240)
+        p.wait(timeout=240)
         elapsed = time.monotonic() - t0
     finally:
-        p.kill()
+        kill_group(p)
+    err = (handshake / "stderr").read_text()
     print(f"\ntorchrun exited {elapsed:.1f} s after rank 1 was killed (--dist-timeout {timeout_s})")
     assert elapsed < timeout_s, elapsed
     assert "rank 0 lost contact with the other ranks" in err, err[-4000:]
