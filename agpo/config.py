@@ -26,6 +26,7 @@ from pathlib import Path
 
 from agpo.controllers import ControllerConfig
 from agpo.data import DataConfig, task_options
+from agpo.guard import GuardConfig
 from agpo.recipes import apply_recipe
 
 ALGOS = ("agpo", "grpo")
@@ -260,7 +261,8 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "optim": OptimConfig,
-            "loss": LossConfig, "controller": ControllerConfig, "warmup": WarmupConfig, "run": RunConfig}
+            "loss": LossConfig, "controller": ControllerConfig, "warmup": WarmupConfig, "run": RunConfig,
+            "guard": GuardConfig}
 _CLI_SKIP = {"data": {"split", "limit", "generator_options"}}
 _CLI_RENAME = {("data", "path"): "data_path", ("data", "eval_path"): "eval_data_path", ("data", "seed"): "data_seed",
                ("data", "size"): "train_size"}
@@ -286,6 +288,8 @@ class TrainConfig:
     """Supervised warm-up."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run length, output, checkpoints."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Untrusted completions and non-finite steps (agpo.guard, docs/operations.md)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -304,11 +305,6 @@ def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
 
 
-def _barrier() -> None:
-    if _is_dist():
-        dist.barrier()
-
-
 def _swap_into_place(tmp: Path, path: Path) -> None:
     """Rank 0: replace ``path`` by the complete ``tmp`` (a directory) as atomically as a
     rename allows; an existing ``path`` is kept until the new one is in place."""
@@ -322,13 +318,38 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
 
 
+def on_rank0(fn):
+    """``fn()`` run on rank 0, its result (or its exception, raised) on every rank: a
+    rank-0-only read or write that fails must not leave the other ranks waiting at the
+    next collective. Collective under a process group."""
+    result, err = None, None
+    if _rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            err = e
+            try:
+                pickle.dumps(e)
+            except Exception:  # noqa: BLE001
+                err = RuntimeError(f"{type(e).__name__}: {e}")
+    if _is_dist():
+        box = [(result, err)]
+        dist.broadcast_object_list(box, src=0)
+        if _rank() != 0:
+            result, err = box[0]
+    if err is not None:
+        raise err
+    return result
+
+
 def _fresh_tmp(path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
-    if _rank() == 0:
+
+    def make():
         if tmp.exists():
             shutil.rmtree(tmp)                          # a crashed earlier attempt
         tmp.mkdir(parents=True)
-    _barrier()
+    on_rank0(make)
     return tmp
 
 
@@ -378,26 +399,26 @@ def save_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     else:
         state = {"model": _model_state(model, get_model_state_dict(model, options=opts), trainable_only)}
     with _single_process_quiet():
-        dcp.save(state, checkpoint_id=str(tmp))
-    if _rank() == 0:
-        torch.save({"extra": extra, "world_size": dist.get_world_size() if _is_dist() else 1},
-                   tmp / "extra.pt")
-    _barrier()
-    if _rank() == 0:
-        _swap_into_place(tmp, path)
-    _barrier()
+        dcp.save(state, checkpoint_id=str(tmp))           # a failure on any rank raises on all
+    meta = {"extra": extra, "world_size": dist.get_world_size() if _is_dist() else 1}
+    on_rank0(lambda: torch.save(meta, tmp / "extra.pt"))
+    on_rank0(lambda: _swap_into_place(tmp, path))
 
 
 def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                  trainable_only: bool = False) -> dict | None:
     """Load a :func:`save_sharded` checkpoint into ``model`` / ``optimizer`` in place (any
     world size: DCP reshards on load). Collective. Returns the saved ``extra``.
-    ``trainable_only`` as it was saved with (frozen parameters keep their values)."""
+    ``trainable_only`` as it was saved with (frozen parameters keep their values). The
+    folder is untrusted: read through ``agpo.dcp_safe`` (ValueError naming a bad file)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                          set_model_state_dict, set_state_dict)
 
+    from agpo.dcp_safe import SafeLoadPlanner, check_folder, read_extra
+
     path = Path(path)
+    check_folder(path)
     reshard_all(model)
     opts = _sd_options(trainable_only)
     if optimizer is not None:
@@ -406,18 +427,13 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     else:
         state = {"model": _model_state(model, get_model_state_dict(model, options=opts), trainable_only)}
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=opts)
     else:
         set_model_state_dict(model, state["model"], options=opts)
-    meta = torch.load(path / "extra.pt", weights_only=False) if _rank() == 0 else None
-    if _is_dist():
-        box = [meta]
-        dist.broadcast_object_list(box, src=0)
-        meta = box[0]
-    return meta["extra"]
+    return on_rank0(lambda: read_extra(path / "extra.pt"))["extra"]
 
 
 def _base_hf_model(hf_model: nn.Module) -> nn.Module:

@@ -34,7 +34,7 @@ import torch
 
 from agpo.data import DataConfig, DataError, Problem, format_prompt, load_problems, task_options, uses_chat_template
 from agpo.models import CHAR_VOCAB, PRESETS, ModelNotFoundError, load_model_and_tokenizer
-from agpo.rewards import DEFAULT_VERIFIER, answer_key, extract_answer, is_correct
+from agpo.rewards import DEFAULT_VERIFIER, answer_key, correct_many, extract_answer
 
 PLAIN_STOP = "\nQuestion:"  # a base model that goes on to invent the next question
 
@@ -146,9 +146,11 @@ def evaluate(model, tokenizer, problems: list[Problem], *, samples: int = 1, tem
     gen_s = time.perf_counter() - t0
 
     records, mean_acc, maj_ok, any_ok, no_answer = [], 0.0, 0, 0, 0
+    flat = iter(correct_many([t for outs in texts for t in outs], [p.reference for p, outs in zip(problems, texts)
+                                                                   for _ in outs], verifier=verifier))  # one batch
     for prob, prompt, outs, ns in zip(problems, prompts, texts, counts):
         answers = [extract_answer(t) for t in outs]
-        correct = [is_correct(t, prob.reference, verifier=verifier) for t in outs]
+        correct = [next(flat) for _ in outs]
         rec = {"id": prob.id, "source": prob.source, "question": prob.prompt, "prompt": prompt,
                "reference": prob.reference, "completion": outs[0], "answer": answers[0],
                "correct": correct[0], "tokens": ns[0]}

@@ -11,6 +11,10 @@ and ``--config`` are described in ``agpo.config`` (``--help`` lists them); the s
 Under ``torchrun --nproc_per_node K [--nnodes M ...] -m agpo.train ...`` every rank runs
 ``run``: FSDP2 shards the policy (``agpo.parallel``), each rank samples its block of the
 step's prompts, and rank 0 writes the run directory (docs/scale.md).
+
+SIGTERM / SIGUSR1 finish the current step, checkpoint and exit with status 75
+(``agpo.preempt``); the other exit statuses and faults are in ``agpo.guard`` and
+docs/operations.md.
 """
 
 from __future__ import annotations
@@ -26,15 +30,16 @@ import numpy as np
 import torch
 
 from agpo import checkpoint as ckpt
-from agpo.config import ConfigError, TrainConfig, config_from_args
-from agpo.data import DataError, held_out, load_problems
+from agpo.config import TrainConfig, config_from_args
+from agpo.data import held_out, load_problems
 from agpo.distributed import DistEnv, broadcast_object, export_hf, init_distributed, shutdown_distributed
-from agpo.liger import LigerError, apply_liger, liger_available
+from agpo.guard import EXIT_OK, EXIT_PREEMPTED, exit_status, last_checkpoint_name
+from agpo.liger import apply_liger, liger_available
 from agpo.loading import empty_model, weights_dir
 from agpo.metrics_log import MetricsLogger
-from agpo.models import (PRESETS, ModelNotFoundError, load_model_and_tokenizer, prepare_tokenizer, resolve_attn,
-                         resolve_dtype)
+from agpo.models import PRESETS, load_model_and_tokenizer, prepare_tokenizer, resolve_attn, resolve_dtype
 from agpo.policy import Policy
+from agpo.preempt import Preemption, describe, ignore_preemption
 from agpo.sft import supervised_warmup
 from agpo.trainer import Trainer
 
@@ -179,14 +184,15 @@ def run(cfg: TrainConfig) -> dict:
 
     r = cfg.run
     with MetricsLogger(out, total_steps=r.steps, progress=r.progress, tensorboard=r.tensorboard, enabled=env.is_main,
-                       resume_step=trainer.step_count if saved else None) as log:
+                       resume_step=trainer.step_count if saved else None) as log, Preemption() as preempt:
         if not saved:
             for name in ("warmup", "eval_before"):
                 if name in events:
                     log.event(name, events[name])
         last_saved = trainer.step_count if saved else -1
         stopped = None
-        while trainer.step_count < r.steps:
+        signals = preempt.agreed(env)  # also a signal that came during the warm-up or the first evaluation
+        while trainer.step_count < r.steps and not signals:
             if r.token_budget and trainer.tokens_generated >= r.token_budget:
                 stopped = f"token budget {r.token_budget} reached"
                 break
@@ -195,12 +201,20 @@ def run(cfg: TrainConfig) -> dict:
             if r.eval_every and step % r.eval_every == 0 and eval_problems:
                 metrics["eval/accuracy"] = trainer.evaluate(eval_problems)["accuracy"]
             log.log(step, metrics)
-            if (r.save_every and step % r.save_every == 0) or step == r.stop_after:
+            trainer.guard.check(step, last_checkpoint_name(out))  # too many non-finite steps in a row
+            in_streak = trainer.guard.skipped_in_a_row > 0  # keep the last checkpoint from before it
+            if (r.save_every and step % r.save_every == 0 and not in_streak) or step == r.stop_after:
                 save()
                 last_saved = step
             if step == r.stop_after and step < r.steps:
                 _say(env, f"agpo: stopped after step {step} (--stop-after); continue with --resume auto")
                 return {"stopped_after": step}
+            signals = preempt.agreed(env)  # one small all-reduce: every rank stops after the same step
+        if signals:
+            path = save() if trainer.step_count != last_saved else last_checkpoint_name(out)
+            _say(env, f"agpo: {describe(signals, env)}: stopped after step {trainer.step_count} with checkpoint "
+                      f"{path}; exit status {EXIT_PREEMPTED}, continue with --resume auto")
+            return {"preempted": trainer.step_count, "signals": signals}
         if trainer.step_count != last_saved:
             save()
         export_hf(trainer.policy, trainer.model, tok, out / "final", env, dtype=compute)
@@ -235,21 +249,23 @@ def _yaml(d: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; returns the exit status (``agpo.guard.EXIT_*``, docs/operations.md)."""
+    cfg, status = None, None
     try:
         cfg = config_from_args(argv)
-        try:
-            run(cfg)
-        finally:
-            shutdown_distributed()
-    except (ConfigError, DataError, ModelNotFoundError, ckpt.CheckpointError, LigerError) as e:
-        print(f"agpo.train: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # a bad flag value found while building the run (e.g. --reward)
-        if not str(e).startswith("--"):
+        summary = run(cfg)
+    except Exception as e:
+        status = exit_status(e, out_dir=cfg and cfg.run.out_dir, dist_timeout=cfg and cfg.run.dist_timeout)
+        if status is None:
             raise
-        print(f"agpo.train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        if torch.distributed.is_initialized():
+            ignore_preemption()  # leaving with this status: torchrun's SIGTERM to the survivors must not replace it
+    finally:
+        shutdown_distributed()  # after exit_status: it asks the process group who failed
+    if status is not None:
+        print(f"agpo.train: error: {status[1]}", file=sys.stderr)
+        return status[0]
+    return EXIT_PREEMPTED if "preempted" in summary else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@
 6. re-score -> per-group step KL -> ``controller.update_step_kl`` (when the clip
    controller is on); metrics.
 
+Rewards of a phase are scored in one batch (``agpo.rewards.score_batch``: the math-verify
+comparisons go to the worker pool together). Non-finite values never reach the weights or
+the controllers (``agpo.guard``): an optimiser step whose loss or gradient norm is not
+finite is skipped (``optim/skipped_steps``); a step whose advantages, scores or probe
+statistics are not finite skips its update; the controller is restored to its state at
+the start of a step that applied no optimiser step.
+
 Micro-batch losses are scaled so their sum is the loss of the whole step: the
 ``token-mean`` of micro-batch ``m`` is weighted by its share of tokens, the sequence
 aggregations by their share of sequences (Dr. GRPO's normaliser is the completion cap).
@@ -24,6 +31,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import replace
 
 import torch
@@ -33,15 +41,22 @@ from agpo.controllers import AGPOController
 from agpo.data import Problem, format_prompt, uses_chat_template
 from agpo.distributed import DistEnv, all_reduce_sum, gather_objects
 from agpo.eval import PLAIN_STOP, evaluate
+from agpo.guard import StepGuard, finite
 from agpo.parallel import prepare_layout
 from agpo.packing import micro_batches, pack, processed_tokens
 from agpo.policy import Policy, SequenceBatch
-from agpo.rewards import correctness_reward, is_correct, load_reward, score
+from agpo.rewards import DEFAULT_VERIFIER, correct_many, correctness_reward, load_reward, score_batch
 from agpo.rollout import Rollout, sample_groups
 from agpo.stats import VOTE_KEYS, group_vote_entropy
 
 TIME_KEYS = ("time/", "perf/")
 """Metric prefixes that depend on the machine's speed (left out of reproducibility checks)."""
+VERIFIER_KEYS = ("calls", "timeouts", "errors", "oversized", "unavailable")
+"""math-verify counters logged per step as ``verifier/<key>`` (summed over ranks)."""
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in VERIFIER_KEYS}
 
 
 class PromptSampler:
@@ -137,6 +152,12 @@ class Trainer:
         self.controller = AGPOController(cfg.controller)
         self.sampler = PromptSampler(train_problems, cfg.run.seed)
         self.reward_fn = load_reward(cfg.rollout.reward)
+        g = cfg.guard
+        self.verifier = DEFAULT_VERIFIER.configure(workers=g.verifier_workers, timeout=g.verifier_timeout,
+                                                   batch_timeout=g.verifier_batch_timeout)
+        self.guard = StepGuard(g.max_skipped_steps)
+        self.reward_errors = 0  # rows of this step scored 0 by --reward-errors zero
+        self._warned_reward_errors = False
         self.optimizer = torch.optim.AdamW(self.layout.trainable_parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay,
                                            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
@@ -185,9 +206,20 @@ class Trainer:
 
     def _rewards(self, problems: list[Problem], prompts: list[str], roll: Rollout) -> torch.Tensor:
         G = roll.group_size
-        rew = score(self.reward_fn, [p for p in prompts for _ in range(G)], roll.texts,
-                    [q.reference for q in problems for _ in range(G)])
-        return torch.tensor(rew, dtype=torch.float64).view(len(problems), G)
+        res = score_batch(self.reward_fn, [p for p in prompts for _ in range(G)], roll.texts,
+                          [q.reference for q in problems for _ in range(G)], on_error=self.cfg.guard.reward_errors,
+                          verifier=self.verifier)
+        if res.errors and not self._warned_reward_errors:  # once; reward/errors counts them every step
+            self._warned_reward_errors = True
+            warnings.warn(f"--reward-errors zero: {len(res.errors)} row(s) scored 0, e.g. {res.errors[0]}")
+        self.reward_errors += len(res.errors)
+        return torch.tensor(res.values, dtype=torch.float64).view(len(problems), G)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (one small all-reduce under torchrun)."""
+        if self.env.distributed:
+            return all_reduce_sum({"flag": float(flag)}, self.env)["flag"] > 0
+        return bool(flag)
 
     @torch.no_grad()
     def score(self, policy: Policy, batch: SequenceBatch, *,
@@ -232,11 +264,11 @@ class Trainer:
         cfg, world = self.cfg, self.env.world_size
         self.policy.train()
         groups = micro_batches(batch, cfg.optim.micro_batch_tokens, packed=cfg.optim.packing)
-        real, processed = processed_tokens(batch, groups, packed=cfg.optim.packing)
+        n_real, n_processed = processed_tokens(batch, groups, packed=cfg.optim.packing)
         total = all_reduce_sum({"tokens": float(batch.completion_mask.sum()), "rows": float(batch.rows),
-                                "real": float(real), "processed": float(processed)}, self.env)
+                                "real": float(n_real), "processed": float(n_processed)}, self.env)
         sums = {"clip_frac": 0.0, "ratio_mean": 0.0, "kl_mean": 0.0}
-        losses, norms = [], []
+        losses, norms, skipped = [], [], 0
         for _ in range(cfg.optim.update_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             epoch_loss = 0.0
@@ -263,8 +295,14 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.optimizer.param_groups[0]["params"]
                                                    if p.grad is not None], clip)
             norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-            self.optimizer.step()
-            self.scheduler.step()
+            applied = not self._any_rank(not finite(epoch_loss, norms[-1]))  # the loss is this rank's
+            if applied:
+                self.optimizer.step()
+                self.scheduler.step()
+            else:  # a non-finite step: nothing of it is applied (nor counted by the LR schedule)
+                skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+            self.guard.record(applied)
             losses.append(epoch_loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.eval()
@@ -274,15 +312,30 @@ class Trainer:
                "loss/ratio_mean": sums["ratio_mean"], "optim/grad_norm": sum(norms) / len(norms),
                "update/real_tokens": total["real"] * cfg.optim.update_epochs,
                "update/processed_tokens": total["processed"] * cfg.optim.update_epochs,
-               "optim/lr": self.scheduler.get_last_lr()[0]}
+               "optim/lr": self.scheduler.get_last_lr()[0], "optim/skipped_steps": skipped}
         if ref_logp is not None:
             out["kl/ref"] = sums["kl_mean"]
+        return out
+
+    def _skip_update(self, with_ref: bool) -> dict[str, float]:
+        """``update``'s metrics for a step whose inputs were not finite: every optimiser
+        step of it is skipped."""
+        for _ in range(self.cfg.optim.update_epochs):
+            self.guard.record(False)
+        nan = float("nan")
+        out = {"loss/policy": nan, "loss/policy_last": nan, "loss/clip_frac": nan, "loss/ratio_mean": nan,
+               "optim/grad_norm": nan, "optim/lr": self.scheduler.get_last_lr()[0],
+               "optim/skipped_steps": self.cfg.optim.update_epochs}
+        if with_ref:
+            out["kl/ref"] = nan
         return out
 
     # -- the step ----------------------------------------------------------------------
     def step(self) -> dict[str, float]:
         cfg, ctl, G = self.cfg, self.controller, self.cfg.rollout.group_size
         t_step = time.perf_counter()
+        self.guard.begin(ctl)
+        verified0, self.reward_errors = self.verifier.stats.snapshot(), 0
         problems = self.sampler.next(cfg.rollout.prompts_per_step)  # the same list on every rank
         P = len(problems)
         mine = self._block(P)
@@ -296,11 +349,16 @@ class Trainer:
             pieces = self._gather((self._rewards(problems, prompts, probe), probe.texts))
             probe_rewards = torch.cat([r for r, _ in pieces])
             probe_texts = [t for _, texts in pieces for t in texts]
-            tau = ctl.probe_step(probe_rewards, [probe_texts[p * G:(p + 1) * G] for p in range(P)])
+            tau = torch.full((P,), math.nan)
+            if finite(probe_rewards.mean(1), probe_rewards.std(1)):  # else (rewards of 1e308) the statistics overflow
+                tau = ctl.probe_step(probe_rewards, [probe_texts[p * G:(p + 1) * G] for p in range(P)])
             probe_tokens = probe.generated_tokens
             m.update({"probe/reward_mean": float(probe_rewards.mean()), "time/generate_probe": probe.seconds,
-                      "probe/vote_entropy": ctl.metrics()["probe/entropy"]})
+                      "probe/vote_entropy": ctl.metrics().get("probe/entropy", math.nan)})
         else:
+            tau = torch.full((P,), cfg.controller.tau_base)
+        bad = not finite(tau)  # no usable probe statistics: no update this step
+        if bad:
             tau = torch.full((P,), cfg.controller.tau_base)
         roll = self._sample(prompts, stop, tau[mine], phase=1, first_prompt=mine.start)
         rewards = self._rewards(problems, prompts, roll)
@@ -315,22 +373,37 @@ class Trainer:
             with self.layout.reference() as ref:
                 ref_logp = self.score(ref, batch)[0]
         t_score = time.perf_counter() - t0
-        eps = ctl.clip_step(self._cat(_group_token_mean(ent, batch.completion_mask, G)))
+        on = batch.completion_mask.bool()
+        bad = self._any_rank(bad or not finite(adv, old_logp[on], ent[on], None if ref_logp is None else ref_logp[on]))
+        if bad:
+            eps = torch.full((P,), cfg.controller.eps_base)
+        else:
+            eps = ctl.clip_step(self._cat(_group_token_mean(ent, batch.completion_mask, G)))
 
         t0 = time.perf_counter()
-        m.update(self.update(batch, adv, eps[mine].repeat_interleave(G), old_logp, ref_logp))
+        if bad:
+            m.update(self._skip_update(ref_logp is not None))
+        else:
+            m.update(self.update(batch, adv, eps[mine].repeat_interleave(G), old_logp, ref_logp))
         t_update = time.perf_counter() - t0
+        applied = cfg.optim.update_epochs - m["optim/skipped_steps"]
         if cfg.controller.adaptive_clip:
-            new_logp, _ = self.score(self.policy, batch)
-            m["kl/step"] = ctl.update_step_kl(self._cat(_group_token_mean(old_logp - new_logp, batch.completion_mask, G)))
-            m["kl/step_ema"] = ctl.step_kl_ema
+            kl = float("nan")
+            if applied:
+                new_logp, _ = self.score(self.policy, batch)
+                kl_groups = self._cat(_group_token_mean(old_logp - new_logp, batch.completion_mask, G))
+                if finite(kl_groups):
+                    kl = ctl.update_step_kl(kl_groups)
+            m["kl/step"], m["kl/step_ema"] = kl, ctl.step_kl_ema
+        self.guard.end(ctl, applied)  # the controller does not advance on a step that applied nothing
 
         self.step_count += 1
         mask = batch.completion_mask
         local = {"rewards": rewards, "lengths": roll.lengths, "texts": roll.texts,
                  "entropy": float((ent * mask).sum()), "scored": float(mask.sum()),
                  "probe_tokens": probe_tokens, "train_tokens": roll.generated_tokens,
-                 "correct": self._correct(problems, roll, rewards)}
+                 "correct": self._correct(problems, roll, rewards), "reward_errors": self.reward_errors,
+                 "verifier": _delta(self.verifier.stats.snapshot(), verified0)}
         parts = self._gather(local)
         rewards = torch.cat([q["rewards"] for q in parts])
         lengths = torch.cat([q["lengths"] for q in parts]).float()
@@ -358,6 +431,9 @@ class Trainer:
                   "perf/score_tokens_per_s": scored * (2 if cfg.loss.beta > 0 else 1) / max(t_score, 1e-9),
                   "perf/update_tokens_per_s": scored * cfg.optim.update_epochs / max(t_update, 1e-9)})
         m["perf/tokens_per_s"] = gen_tokens / max(m["time/step"], 1e-9)
+        m["reward/errors"] = sum(q["reward_errors"] for q in parts)
+        for k in VERIFIER_KEYS:
+            m[f"verifier/{k}"] = sum(q["verifier"][k] for q in parts)
         if self.env.distributed:
             m["perf/rank_tokens_scored"] = local_scored
         if not cfg.controller.needs_probe:
@@ -378,7 +454,8 @@ class Trainer:
         if self.reward_fn is correctness_reward:  # the reward is already 1.0 exactly when correct
             return float(rewards.sum())
         G = roll.group_size
-        return float(sum(is_correct(roll.texts[i], problems[i // G].reference) for i in range(len(roll.texts))))
+        refs = [problems[i // G].reference for i in range(len(roll.texts))]
+        return float(sum(correct_many(roll.texts, refs, verifier=self.verifier)))
 
     def evaluate(self, problems: list[Problem]) -> dict:
         """Greedy held-out accuracy (``agpo.eval.evaluate``), each rank a block of problems
@@ -407,7 +484,7 @@ class Trainer:
         """Everything but the weights and optimiser state (those go to the sharded checkpoint)."""
         return {"scheduler": self.scheduler.state_dict(), "controller": self.controller.state_dict(),
                 "sampler": self.sampler.state_dict(), "step": self.step_count,
-                "tokens_generated": self.tokens_generated}
+                "tokens_generated": self.tokens_generated, "skipped_in_a_row": self.guard.skipped_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
@@ -415,6 +492,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step_count = int(state["step"])
         self.tokens_generated = int(state["tokens_generated"])
+        self.guard.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
 
     def save_checkpoint(self, run_dir, extra: dict, *, keep: int):
         """Checkpoint of this step: sharded weights + optimiser, ``state_dict()`` and ``extra``."""

@@ -12,6 +12,7 @@ world size 1. Two more launches check that a failing rank does not hang the othe
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 from agpo.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, apply_activation_checkpointing,  # noqa: E402
                               barrier, broadcast_object, device_mesh, export_hf, gather_objects,
-                              init_distributed, load_sharded, save_sharded, shard_model,
+                              init_distributed, load_sharded, on_rank0, save_sharded, shard_model,
                               shutdown_distributed, unsharded)
 from tolerance import assert_close_scaled, rounding_tol  # noqa: E402
 
@@ -233,6 +234,7 @@ def worker_main(env: DistEnv, out: Path) -> dict:
 
     # (b) sharded checkpoint at world size 2 (loaded at world size 1 by the test) ---------
     save_sharded(out / "ckpt", root, opt, extra={"step": 1, "controller": {"b": 0.5}})
+    res["on_rank0_errnos"] = gather_objects(_rank0_write_fails(), env)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     msd, osd = get_state_dict(root, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # (c) HF export + logits of the sharded model on a fixed input
@@ -246,6 +248,17 @@ def worker_main(env: DistEnv, out: Path) -> dict:
     if HAVE_PEFT:
         worker_lora(env, out, res, tok, batch, prompts)
     return res
+
+
+def _rank0_write_fails():
+    """A rank-0-only write that runs out of space: the errno every rank sees."""
+    def write():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    try:
+        on_rank0(write)
+    except OSError as e:
+        return e.errno
+    return None
 
 
 def worker_lora(env: DistEnv, out: Path, res: dict, tok, batch, prompts) -> None:
@@ -400,7 +413,7 @@ def test_bf16_mixed_precision(two_rank):
 @pytest.mark.timeout(180)
 def test_checkpoint_2_ranks_loads_at_1(two_rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    out, _ = two_rank
+    out, res = two_rank
     full = torch.load(out / "full.pt", weights_only=False)
     _, hf = tiny()                                      # fresh weights, no process group
     root = LossModel(hf)
@@ -408,6 +421,7 @@ def test_checkpoint_2_ranks_loads_at_1(two_rank):
     extra = load_sharded(out / "ckpt", root, opt)
     assert extra == {"step": 1, "controller": {"b": 0.5}}
     assert not (out / "ckpt.tmp").exists()
+    assert res["on_rank0_errnos"] == [errno.ENOSPC, errno.ENOSPC]  # rank 1 is not left waiting
     msd, osd = get_state_dict(root, opt, options=StateDictOptions(full_state_dict=True))
     assert set(msd) == set(full["model"])
     for k in msd:

@@ -8,7 +8,7 @@ import pytest
 
 from agpo.rewards import (REWARDS, answer_key, correctness_reward, correctness_with_format, digits_format_reward,
                           extract_answer, format_reward, is_correct, is_equivalent, last_boxed, load_reward,
-                          reference_answer, score, verifier_stats)
+                          reference_answer, RewardError, score, verifier_stats)
 from agpo.verifier import MathVerifier, math_verify_installed
 
 needs_math_verify = pytest.mark.skipif(not math_verify_installed(), reason="math-verify not installed")
@@ -186,11 +186,11 @@ def test_load_reward_errors(spec, match):
 
 def test_score_checks_values():
     assert score(correctness_reward, ["q", "q"], ["#### 3", "#### 4"], ["3", "3"]) == [1.0, 0.0]
-    with pytest.raises(ValueError, match="row 0.*finite"):
+    with pytest.raises(RewardError, match="row 0.*finite"):
         score(lambda p, c, r: math.nan, ["q"], ["c"], ["r"])
-    with pytest.raises(TypeError, match="expected a float"):
+    with pytest.raises(RewardError, match="expected a float"):
         score(lambda p, c, r: "high", ["q"], ["c"], ["r"])
-    with pytest.raises(RuntimeError, match="raised on row 1"):
+    with pytest.raises(RewardError, match="raised on row 1: ZeroDivisionError.*completion '0'"):
         score(lambda p, c, r: 1 / int(c), ["q", "q"], ["1", "0"], ["r", "r"])
     with pytest.raises(ValueError, match="lengths differ"):
         score(correctness_reward, ["q"], [], ["r"])

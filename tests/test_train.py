@@ -1,23 +1,31 @@
 """The training loop on the tiny preset: real HF model, real generate, real files.
 
 Covers the issue's list: per-row temperature really applied, the controllers' eps and
-tau reach the loss and the sampler, an update descends the loss on a fixed batch, micro-batching
-gives the same gradient as one batch, no tokens x vocab tensor exists in a step, resume
-equivalence, bad flags and missing model paths.
+tau reach the loss and the sampler, an update descends the loss on a fixed batch,
+micro-batching gives the same gradient as one batch, no tokens x vocab tensor exists in a
+step, resume equivalence (also after a real SIGTERM to a ``python -m agpo.train``
+process), bad flags and missing model paths.
 """
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agpo.policy
 import agpo.trainer
 from agpo import checkpoint as ckpt
 from agpo.config import ConfigError, TrainConfig, config_from_args
+from agpo.guard import EXIT_PREEMPTED
 from agpo.data import load_problems
 from agpo.metrics_log import read_metrics
 from agpo.models import load_model_and_tokenizer
@@ -27,6 +35,8 @@ from agpo.sft import supervised_warmup
 from agpo.train import main, resolve_defaults, run
 from agpo.trainer import TIME_KEYS, Trainer, lr_lambda, micro_batches
 from tolerance import assert_close_scaled, rounding_tol
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_cfg(tmp_path=None, **run_kw) -> TrainConfig:
@@ -290,16 +300,51 @@ def _rows(run_dir):
     return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in read_metrics(run_dir)]
 
 
+def _signalled_run(cfg: TrainConfig, out_dir: Path, sig: int, *, at_call: int) -> subprocess.CompletedProcess:
+    """``python -m agpo.train`` with ``cfg``; ``sig`` is sent to it from here while it is
+    inside its ``at_call``-th reward call (tests/fixtures/fault_rewards.py:pausing)."""
+    handshake = out_dir.parent / "handshake"
+    handshake.mkdir(parents=True)
+    (handshake / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(torch.get_num_threads()),
+               AGPO_TEST_PAUSE_AT=str(at_call), AGPO_TEST_DIR=str(handshake))
+    logs = [handshake / "stdout", handshake / "stderr"]  # files, not pipes: nothing can block on a full pipe
+    with open(logs[0], "w") as out, open(logs[1], "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "agpo.train", "--config", str(handshake / "cfg.yaml"),
+                              "--out-dir", str(out_dir)], cwd=ROOT, env=env, stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 240
+        while not (handshake / "ready").exists():
+            assert p.poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
+            time.sleep(0.05)
+        assert int((handshake / "ready").read_text()) == p.pid
+        os.kill(p.pid, sig)
+        (handshake / "go").touch()
+        p.wait(timeout=240)
+    finally:
+        p.kill()
+    return subprocess.CompletedProcess(p.args, p.returncode, logs[0].read_text(), logs[1].read_text())
+
+
 def test_resume_gives_the_same_run(tmp_path):
+    """An uninterrupted run equals the same run split three ways: a real SIGTERM in the
+    middle of step 2 of a ``python -m agpo.train`` process (it finishes step 2, checkpoints
+    and exits 75), a resume stopped by --stop-after 3, and a resume to the end."""
     full = small_cfg(tmp_path / "a")
     full.loss.beta = 0.03  # the reference model must come back too
+    full.rollout.reward = f"{ROOT / 'tests/fixtures/fault_rewards.py'}:pausing"  # correctness, + a pause on request
     run(full)
-    split = copy.deepcopy(full)
-    split.run.out_dir, split.run.stop_after = str(tmp_path / "b" / "run"), 2
-    assert run(split) == {"stopped_after": 2}
-    assert [r["step"] for r in read_metrics(split.run.out_dir)] == [1, 2]
+    split_dir = tmp_path / "b" / "run"
+    calls_per_step = 2 * full.rollout.prompts_per_step * full.rollout.group_size  # probe + train rollouts
+    proc = _signalled_run(full, split_dir, signal.SIGTERM, at_call=calls_per_step + 5)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert "got SIGTERM" in proc.stderr and "stopped after step 2" in proc.stdout
+    assert [r["step"] for r in read_metrics(split_dir)] == [1, 2]
+    assert [s for s, _ in ckpt.list_checkpoints(split_dir)] == [2]
     resumed = copy.deepcopy(full)
-    resumed.run.out_dir, resumed.run.resume = split.run.out_dir, "auto"
+    resumed.run.out_dir, resumed.run.resume, resumed.run.stop_after = str(split_dir), "auto", 3
+    assert run(resumed) == {"stopped_after": 3}
+    resumed.run.stop_after = None
     summary = run(resumed)
     a, b = _rows(full.run.out_dir), _rows(resumed.run.out_dir)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

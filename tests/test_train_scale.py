@@ -16,14 +16,18 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from agpo import checkpoint as ckpt
 from agpo.config import TrainConfig
 from agpo.metrics_log import read_metrics
 from agpo.train import resolve_defaults, run
@@ -233,3 +237,88 @@ def test_prompts_must_split_evenly_over_ranks(tmp_path):
     model, tok = load_model_and_tokenizer("tiny", seed=0)
     with pytest.raises(ValueError, match="--prompts-per-step 4: must be a multiple of the world size 3"):
         Trainer(cfg, model, tok, [], env=DistEnv(rank=0, world_size=3, local_rank=0, device=torch.device("cpu")))
+
+
+# -- faults under torchrun (issue 20) -----------------------------------------------------------
+PAUSING = f"{ROOT / 'tests/fixtures/fault_rewards.py'}:pausing"
+CALLS_PER_STEP = 2 * 2 * 4  # per rank: probe + train rollouts of its 2 prompts x 4 samples
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """torchrun and its workers (which outlive a killed torchrun), if still there."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+def torchrun_paused(tmp_path: Path, **over) -> tuple[subprocess.Popen, Path]:
+    """A 2-rank launch whose rank 1 pauses inside its reward in step 2 (its pid in
+    ``handshake/ready``) until ``handshake/go`` exists; output in ``handshake/stdout``,
+    ``handshake/stderr`` (files: nothing blocks on a full pipe)."""
+    handshake = tmp_path / "handshake"
+    handshake.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), AGPO_TEST_RANK="1",
+               AGPO_TEST_PAUSE_AT=str(CALLS_PER_STEP + 3), AGPO_TEST_DIR=str(handshake))
+    args = argv_for(tmp_path / "run", **{"steps": 20, "sft_steps": 0, "eval_size": 0, "reward": PAUSING, **over})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--monitor-interval", "0.5", "-m", "agpo.train", *args]
+    with open(handshake / "stdout", "w") as out, open(handshake / "stderr", "w") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (handshake / "ready").exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            kill_group(p)
+            pytest.fail("rank 1 never reached its pause:\n" + (handshake / "stderr").read_text()[-3000:])
+        time.sleep(0.05)
+    return p, handshake
+
+
+def exit_codes(stderr: str) -> dict[int, int]:
+    """Exit status by rank, from torchrun's failure report."""
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)", stderr)
+    return {int(r): int(c) for r, c in found}
+
+
+@pytest.mark.timeout(300)
+def test_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM to rank 1 alone (one node of a job preempted, or a hand-sent signal): both
+    ranks finish step 2, take one checkpoint together and exit 75."""
+    p, handshake = torchrun_paused(tmp_path, save_every=0)
+    try:
+        os.kill(int((handshake / "ready").read_text()), signal.SIGTERM)
+        (handshake / "go").touch()
+        p.wait(timeout=240)
+    finally:
+        kill_group(p)
+    out, err = (handshake / "stdout").read_text(), (handshake / "stderr").read_text()
+    assert "SIGTERM on 1 of 2 rank(s): stopped after step 2" in out, out[-3000:] + err[-3000:]
+    assert exit_codes(err) == {0: 75, 1: 75}, err[-3000:]
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
+    assert ckpt.validate(ckpt.checkpoint_dir(run_dir) / "step-000002")["world_size"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_rank_makes_the_other_exit_within_the_dist_timeout(tmp_path):
+    """SIGKILL to rank 1 in the middle of step 2 while rank 0 waits for it in a collective:
+    rank 0 exits by itself with status 69 and a clear error well within --dist-timeout,
+    naming the last complete checkpoint (step 1)."""
+    timeout_s = 40
+    p, handshake = torchrun_paused(tmp_path, save_every=1, dist_timeout=timeout_s)
+    try:
+        os.kill(int((handshake / "ready").read_text()), signal.SIGKILL)
+        t0 = time.monotonic()
+        p.wait(timeout=240)
+        elapsed = time.monotonic() - t0
+    finally:
+        kill_group(p)
+    err = (handshake / "stderr").read_text()
+    print(f"\ntorchrun exited {elapsed:.1f} s after rank 1 was killed (--dist-timeout {timeout_s})")
+    assert elapsed < timeout_s, elapsed
+    assert "rank 0 lost contact with the other ranks" in err, err[-4000:]
+    assert "step-000001" in err and "--resume auto" in err
+    assert exit_codes(err)[0] == 69, err[-3000:]
+    assert ckpt.validate(ckpt.checkpoint_dir(tmp_path / "run") / "step-000001")["trainer"]["step"] == 1
