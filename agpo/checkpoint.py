@@ -39,8 +39,11 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 RESUMABLE_CHANGES = {"run": {"resume", "stop_after", "progress", "tensorboard", "out_dir", "eval_every", "eval_size",
                              "save_every", "keep_checkpoints", "steps", "token_budget",
                              "dist_timeout"},
-                     "model": {"device", "attn"}, "rollout": {"generation_batch_size"},
-                     "optim": {"micro_batch_tokens"}}
+                     "model": {"device", "attn"},
+                     "rollout": {"generation_batch_size", "engine", "vllm_gpu_memory_utilization",
+                                 "vllm_tensor_parallel_size", "vllm_sleep_level", "vllm_kv_cache_gib",
+                                 "vllm_enforce_eager"},
+                     "optim": {"micro_batch_tokens"}, "loss": {"tis", "tis_cap"}}
 """Config fields a resumed run may change; any other difference is an error."""
 
 

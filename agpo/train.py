@@ -32,6 +32,7 @@ from agpo.distributed import DistEnv, broadcast_object, export_hf, init_distribu
 from agpo.metrics_log import MetricsLogger
 from agpo.models import PRESETS, ModelNotFoundError, load_model_and_tokenizer, resolve_attn, resolve_dtype
 from agpo.policy import Policy
+from agpo.rollout import resolve_engine
 from agpo.sft import supervised_warmup
 from agpo.trainer import Trainer
 
@@ -48,6 +49,9 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.optim.micro_batch_tokens = preset.micro_batch_tokens if preset else 8192
     if cfg.warmup.sft_steps is None:
         cfg.warmup.sft_steps = 300 if (cfg.model.model == "tiny" and cfg.data.dataset == "arith") else 0
+    cfg.rollout.engine = resolve_engine(cfg.rollout.engine, cfg.model.device)
+    if cfg.loss.tis is None:
+        cfg.loss.tis = "token" if cfg.rollout.engine == "vllm" else "off"
     return cfg
 
 
@@ -129,7 +133,7 @@ def run(cfg: TrainConfig) -> dict:
     ref_model = _reference(cfg, model, ref_dir if have_ref else None, saved, load_kw)
 
     trainer = Trainer(cfg, model, tok, train_problems, ref_model=ref_model, env=env, compute_dtype=compute)
-    _say(env, f"agpo: {trainer.layout.describe()}")
+    _say(env, f"agpo: {trainer.layout.describe()}; rollouts: {trainer.engine.describe()}")
     if saved:
         trainer.load_checkpoint(resume, saved)
         ckpt.set_rng_state(saved["rng"])
@@ -164,6 +168,7 @@ def run(cfg: TrainConfig) -> dict:
                 last_saved = step
             if step == r.stop_after and step < r.steps:
                 _say(env, f"agpo: stopped after step {step} (--stop-after); continue with --resume auto")
+                trainer.close()
                 return {"stopped_after": step}
         if trainer.step_count != last_saved:
             save()
@@ -171,6 +176,7 @@ def run(cfg: TrainConfig) -> dict:
         if eval_problems:
             events["eval_after"] = trainer.evaluate(eval_problems)
             log.event("eval_after", events["eval_after"])
+    trainer.close()
 
     summary = {"steps": trainer.step_count, "tokens_generated": trainer.tokens_generated, "stopped": stopped,
                "algo": r.algo, "model": m.model, "dataset": cfg.data.dataset, "seed": r.seed,

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agpo.policy
-import agpo.trainer
+import agpo.rollout.hf
 from agpo import checkpoint as ckpt
 from agpo.config import ConfigError, TrainConfig, config_from_args
 from agpo.data import load_problems
@@ -84,7 +84,7 @@ def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
     cfg = small_cfg()
     tr = Trainer(cfg, copy.deepcopy(model), tok, train)
     seen = {"tau": [], "eps": [], "loss_eps": [], "loss_temp": []}
-    real_sample, real_loss, real_clip = agpo.trainer.sample_groups, agpo.policy.agpo_loss, tr.controller.clip_step
+    real_sample, real_loss, real_clip = agpo.rollout.hf.sample_groups, agpo.policy.agpo_loss, tr.controller.clip_step
 
     def spy_sample(*a, **kw):
         seen["tau"].append(a[3].clone())
@@ -100,7 +100,7 @@ def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
         seen["eps"].append(eps.clone())
         return eps
 
-    monkeypatch.setattr(agpo.trainer, "sample_groups", spy_sample)
+    monkeypatch.setattr(agpo.rollout.hf, "sample_groups", spy_sample)
     monkeypatch.setattr(agpo.policy, "agpo_loss", spy_loss)
     monkeypatch.setattr(tr.controller, "clip_step", spy_clip)
     for _ in range(2):
