@@ -35,12 +35,13 @@ from agpo.trainer import Trainer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["12+34=", "7*8=", "100-1=", "5+5=", "99*99=", "3-2="]
 LONG = "12+34=56+78=90+12=34+56=78+90=12+34=56+78="  # > 1 KV block (32 on CPU): prefix-cached
+DEVICE = os.environ.get("AGPO_TEST_DEVICE", "cpu")  # cuda in bench/gpu_suite.sh: sleep mode for real
 GREEDY = 1e-3  # near-zero: the engine decodes argmax (vLLM itself would raise it to 0.01)
 
 
 def tiny_cfg(tmp_path, **over) -> TrainConfig:
     cfg = TrainConfig()
-    cfg.model.device = "cpu"
+    cfg.model.device = DEVICE
     cfg.rollout.engine, cfg.rollout.prompts_per_step, cfg.rollout.group_size = "vllm", 4, 4
     cfg.rollout.vllm_kv_cache_gib = 0.0625
     cfg.run.steps, cfg.run.eval_size, cfg.run.progress, cfg.run.out_dir = 3, 0, False, str(tmp_path)
@@ -59,7 +60,7 @@ def hf_greedy(model, tok, prompts, n):
     out = []
     with torch.no_grad():
         for p in prompts:
-            ids = tok(p, return_tensors="pt")["input_ids"]
+            ids = tok(p, return_tensors="pt")["input_ids"].to(model.device)
             new = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=eos, synced_gpus=False,
                                  pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
             out.append(new[:new.index(eos) + 1] if eos in new else new)
@@ -89,7 +90,7 @@ def train_once(tr, seed=0):
 def full(tmp_path_factory):
     """A full fine-tuning Trainer on the tiny preset whose rollouts run on vLLM."""
     cfg = tiny_cfg(tmp_path_factory.mktemp("full"))
-    model, tok = load_model_and_tokenizer("tiny", seed=0)
+    model, tok = load_model_and_tokenizer("tiny", seed=0, device=DEVICE)
     tr = Trainer(cfg, model, tok, load_problems(cfg.data, split="train"))
     yield tr
     tr.close()
@@ -186,7 +187,7 @@ def test_lora_sync_sends_merged_weights(tmp_path):
     """LoRA: the engine (random weights) gets base + merged adapters, so its greedy
     decoding equals the peft model's, before and after an update of the adapters."""
     cfg = tiny_cfg(tmp_path, lora_rank=4, lora_alpha=8.0, lr=0.2)
-    model, tok = load_model_and_tokenizer("tiny", seed=1)
+    model, tok = load_model_and_tokenizer("tiny", seed=1, device=DEVICE)
     tr = Trainer(cfg, model, tok, load_problems(cfg.data, split="train"))
     try:
         before, _ = engine_tokens(tr, PROMPTS, GREEDY)
@@ -202,10 +203,14 @@ def test_lora_sync_sends_merged_weights(tmp_path):
         tr.close()
 
 
-def test_two_rank_fsdp_sync_under_torchrun():
-    """2 ranks on gloo, FSDP2-sharded policy, one engine per rank (external_launcher):
-    after a step each rank's engine decodes like HF on the gathered, updated weights."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.skipif(DEVICE != "cpu", reason="the 2-rank run uses gloo on CPU")
+def test_two_rank_fsdp_sync_under_torchrun(tp):
+    """2 ranks on gloo, FSDP2-sharded policy, external_launcher: one engine per rank (tp 1)
+    or one tensor-parallel engine over both (tp 2, sampling both ranks' prompts). After an
+    update each rank's rows decode like HF on the gathered, updated weights."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               AGPO_TEST_TP=str(tp))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "vllm_fsdp_check.py")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -213,6 +218,7 @@ def test_two_rank_fsdp_sync_under_torchrun():
     assert res.stdout.count("FSDP-VLLM-OK") == 2, res.stdout[-2000:]
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU suite times real presets itself")
 def test_train_cli_smollm2_carries_the_mismatch_figures(tmp_path):
     """``python -m agpo.train --model smollm2-135m --rollout vllm`` completes; its metrics
     hold the engine/trainer mismatch (fp32 on both sides: tiny) and the TIS weights."""

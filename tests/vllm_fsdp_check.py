@@ -1,5 +1,7 @@
 """Run by tests/test_vllm_rollout.py under ``torchrun --nproc_per_node 2`` (gloo, CPU):
-an FSDP2-sharded tiny policy with one colocated vLLM engine per rank (external_launcher).
+an FSDP2-sharded tiny policy with colocated vLLM (external_launcher): one engine per rank,
+or with AGPO_TEST_TP=2 one tensor-parallel engine over both ranks (each rank's prompts
+sampled by the pair, each rank keeping its own rows).
 After a training step, each rank's engine must decode its own prompts exactly like HF
 greedy decoding on the gathered, updated weights. Prints FSDP-VLLM-OK per rank."""
 
@@ -22,7 +24,8 @@ from test_vllm_rollout import GREEDY, PROMPTS, engine_tokens, hf_greedy, tiny_cf
 
 def main() -> None:
     env = init_distributed("cpu")
-    cfg = tiny_cfg(Path(tempfile.mkdtemp()))
+    tp = int(os.environ.get("AGPO_TEST_TP", "1"))
+    cfg = tiny_cfg(Path(tempfile.mkdtemp()), vllm_tensor_parallel_size=tp)
     model, tok = load_model_and_tokenizer("tiny", seed=0)
     tr = Trainer(cfg, model, tok, load_problems(cfg.data, split="train"), env=env)
     assert tr.layout.sharded
