@@ -7,6 +7,8 @@ chain_sum task x G = 4 samples at tau 1.0, up to ``AGPO_BENCH_ROLLOUT_TOKENS`` (
 tokens, on ``AGPO_BENCH_ROLLOUT_MODEL`` (smollm2-135m). ``extra_info``: generated tokens,
 tokens/s of generation (``perf/generate_tokens_per_s``'s definition: generated tokens
 over generation seconds, weight sync excluded), the sync seconds of a full weight load,
+(each vLLM rollout starts from an empty prefix cache, like a step's first phase after its
+sync; the G rows of a prompt share its KV blocks within the rollout, HF recomputes them),
 the engine start-up seconds and the peak RSS above the RSS before the model was loaded
 (VmHWM reset per case: both cases can run in one process). The vLLM case is skipped where
 vLLM is not importable.
@@ -67,6 +69,8 @@ def test_rollout(benchmark, engine):
 
     def rollout():
         calls["n"] += 1
+        if engine == "vllm":  # as after a step's weight sync: no prompt KV left from the last rollout
+            tr.engine.llm.reset_prefix_cache()
         return tr.engine.sample(prompts, tau, group_size=G, max_new_tokens=TOKENS, add_special_tokens=not chat,
                                 seed=0, stream=calls["n"], weights_version=tr.weights_version)
 
