@@ -2,7 +2,8 @@
 
 Parts live in their own modules: ``controllers`` (adaptive clip and temperature),
 ``rewards`` and ``data`` (tasks and verifiable rewards), ``models`` (presets and
-loading), the rollout/trainer/checkpoint modules, and ``train`` / ``eval`` entry points.
+loading), the ``rollout`` package (HF and vLLM engines), the trainer/checkpoint modules,
+and ``train`` / ``eval`` entry points.
 The fused LM-head loss is in the sibling package ``agpo_kernels``.
 """
 

@@ -52,8 +52,11 @@ RESUMABLE_CHANGES = {"run": {"resume", "stop_after", "progress", "tensorboard", 
                              "dist_timeout"},
                      "guard": {"verifier_workers", "verifier_timeout", "verifier_batch_timeout", "reward_errors",
                                "max_skipped_steps"},
-                     "model": {"device", "attn"}, "rollout": {"generation_batch_size"},
-                     "optim": {"micro_batch_tokens"}}
+                     "model": {"device", "attn"},
+                     "rollout": {"generation_batch_size", "engine", "vllm_gpu_memory_utilization",
+                                 "vllm_tensor_parallel_size", "vllm_sleep_level", "vllm_kv_cache_gib",
+                                 "vllm_enforce_eager"},
+                     "optim": {"micro_batch_tokens", "packing"}, "loss": {"tis", "tis_cap"}}
 """Config fields a resumed run may change; any other difference is an error."""
 
 

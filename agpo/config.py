@@ -104,10 +104,32 @@ class RolloutConfig:
     evaluation's batch (0: 64 problems)."""
     reward: str = "correct"
     """Reward function name (agpo.rewards.REWARDS) or module:function."""
+    engine: str = "auto"
+    """Rollout engine (flag --rollout): hf (transformers generate on the policy), vllm (a colocated
+    vLLM engine, weights synced after each optimiser step) or auto (vllm when importable and the
+    policy is on CUDA, else hf). docs/rollout.md."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Fraction of each GPU the colocated vLLM engine may take (weights + KV cache)."""
+    vllm_tensor_parallel_size: int = 1
+    """Ranks per vLLM engine (tensor parallel; must divide the world size)."""
+    vllm_sleep_level: int = 2
+    """vLLM sleep mode between rollouts and update: 0 off, 1 offload weights + free KV cache, 2 free
+    both (weights are re-synced anyway). CUDA only; the CPU backend ignores it."""
+    vllm_kv_cache_gib: float | None = None
+    """vLLM KV-cache size in GiB (None: --vllm-gpu-memory-utilization decides on GPUs; 1 GiB on CPU)."""
+    vllm_enforce_eager: bool | None = None
+    """vLLM without CUDA graphs / compilation (None: eager on CPU, graphs on GPU)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "prompts_per_step", "group_size", "max_new_tokens")
+        _positive(self, "prompts_per_step", "group_size", "max_new_tokens", "vllm_tensor_parallel_size",
+                  "vllm_kv_cache_gib")
         _positive(self, "generation_batch_size", allow_zero=True)
+        if self.engine not in ("hf", "vllm", "auto"):
+            raise ConfigError(f"--rollout: expected hf, vllm or auto, got {self.engine!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"--vllm-gpu-memory-utilization: must lie in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_sleep_level not in (0, 1, 2):
+            raise ConfigError(f"--vllm-sleep-level: expected 0, 1 or 2, got {self.vllm_sleep_level}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p: must lie in (0, 1], got {self.top_p}")
         if self.group_size < 2:
@@ -181,12 +203,19 @@ class LossConfig:
     """Temperature of the old, new and reference log-probs and of the loss: 'sample' (each row's
     sampling temperature: the policy that sampled it, SPEC section 2) or 'one' (the untempered
     policy, as the paper's code scores)."""
+    tis: str | None = None
+    """Truncated importance sampling of the rollout engine's samples: off, token or seq (None: token
+    with --rollout vllm, off with hf). Weight min(pi_old / pi_engine, --tis-cap) on the surrogate."""
+    tis_cap: float = 2.0
+    """Cap of the truncated importance weight."""
 
     def __post_init__(self) -> None:
         if self.score_temperature not in SCORE_TEMPERATURES:
             raise ConfigError(f"--score-temperature: expected sample or one, got {self.score_temperature!r}")
         _positive(self, "beta", "entropy_coef", "eps_high_offset", allow_zero=True)
-        _positive(self, "memory_budget")
+        _positive(self, "memory_budget", "tis_cap")
+        if self.tis not in (None, "off", "token", "seq"):
+            raise ConfigError(f"--tis: expected off, token or seq, got {self.tis!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"--kl-estimator: expected k1, k2 or k3, got {self.kl_estimator!r}")
         if self.loss_agg not in LOSS_AGGS:
@@ -265,7 +294,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, 
             "guard": GuardConfig}
 _CLI_SKIP = {"data": {"split", "limit", "generator_options"}}
 _CLI_RENAME = {("data", "path"): "data_path", ("data", "eval_path"): "eval_data_path", ("data", "seed"): "data_seed",
-               ("data", "size"): "train_size"}
+               ("data", "size"): "train_size", ("rollout", "engine"): "rollout"}
 
 
 @dataclass(kw_only=True)

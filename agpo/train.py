@@ -19,6 +19,7 @@ docs/operations.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from agpo import checkpoint as ckpt
-from agpo.config import TrainConfig, config_from_args
+from agpo.config import ConfigError, TrainConfig, config_from_args
 from agpo.data import held_out, load_problems
 from agpo.distributed import DistEnv, broadcast_object, export_hf, init_distributed, shutdown_distributed
 from agpo.guard import EXIT_OK, EXIT_PREEMPTED, exit_status, last_checkpoint_name
@@ -40,6 +41,7 @@ from agpo.metrics_log import MetricsLogger
 from agpo.models import PRESETS, load_model_and_tokenizer, prepare_tokenizer, resolve_attn, resolve_dtype
 from agpo.policy import Policy
 from agpo.preempt import Preemption, describe, ignore_preemption
+from agpo.rollout import resolve_engine
 from agpo.sft import supervised_warmup
 from agpo.trainer import Trainer
 
@@ -60,6 +62,14 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.optim.micro_batch_tokens = preset.micro_batch_tokens if preset else 8192
     if cfg.warmup.sft_steps is None:
         cfg.warmup.sft_steps = 300 if (cfg.model.model == "tiny" and cfg.data.dataset == "arith") else 0
+    cfg.rollout.engine = resolve_engine(cfg.rollout.engine, cfg.model.device)
+    scored_at_one = cfg.loss.score_temperature == "one"
+    if cfg.loss.tis is None:
+        cfg.loss.tis = "token" if cfg.rollout.engine == "vllm" and not scored_at_one else "off"
+    if scored_at_one and cfg.loss.tis != "off":
+        raise ConfigError(f"--tis {cfg.loss.tis} with --score-temperature one: the trainer's log-probs are then of the "
+                          "untempered policy, not of the one the engine sampled from; use --score-temperature sample "
+                          "or --tis off")
     return cfg
 
 
@@ -168,7 +178,7 @@ def run(cfg: TrainConfig) -> dict:
 
     trainer = Trainer(cfg, model, tok, train_problems, ref_model=ref_model, env=env, compute_dtype=compute,
                       weights=stream, ref_weights=stream if ref_model is not None else None)
-    _say(env, f"agpo: {trainer.layout.describe()}")
+    _say(env, f"agpo: {trainer.layout.describe()}; rollouts: {trainer.engine.describe()}")
     if stream:
         _say(env, f"agpo: weights read into the shards from {stream} (no rank holds the whole model)")
     if saved:
@@ -184,7 +194,8 @@ def run(cfg: TrainConfig) -> dict:
 
     r = cfg.run
     with MetricsLogger(out, total_steps=r.steps, progress=r.progress, tensorboard=r.tensorboard, enabled=env.is_main,
-                       resume_step=trainer.step_count if saved else None) as log, Preemption() as preempt:
+                       resume_step=trainer.step_count if saved else None) as log, Preemption() as preempt, \
+            contextlib.closing(trainer):  # the rollout engine is shut down however the run ends
         if not saved:
             for name in ("warmup", "eval_before"):
                 if name in events:

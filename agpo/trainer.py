@@ -4,10 +4,12 @@
 
 1. probe: G samples per prompt at ``tau_base``, rewards, ``controller.probe_step`` -> tau[P]
    (skipped when both controllers are off: plain GRPO samples at ``tau_base``);
-2. train rollouts: G samples per prompt, all groups in one ``generate`` call, row
-   temperature tau[p];
+2. train rollouts: G samples per prompt, all groups in one engine call (``--rollout``:
+   HF ``generate`` or a colocated vLLM engine, ``agpo.rollout``), row temperature tau[p];
 3. rewards -> group advantages; score old log-probs / entropies (and reference log-probs
-   when beta > 0) with the fused forward at each row's temperature, no logits;
+   when beta > 0) with the fused forward at each row's temperature, no logits; the
+   engine's own log-probs give the mismatch figures and the truncated importance weights
+   (``--tis``, ``agpo.rollout.correction``);
 4. per-group token-mean entropy -> ``controller.clip_step`` -> eps[P];
 5. ``update_epochs`` passes of ``agpo_loss`` with eps[p] for group p's rows, micro-batched
    by a padded-token budget with gradient accumulation; one clipped AdamW step per pass;
@@ -46,7 +48,8 @@ from agpo.parallel import prepare_layout
 from agpo.packing import micro_batches, pack, processed_tokens
 from agpo.policy import Policy, SequenceBatch
 from agpo.rewards import DEFAULT_VERIFIER, correct_many, correctness_reward, load_reward, score_batch
-from agpo.rollout import Rollout, sample_groups
+from agpo.rollout import Rollout, make_engine
+from agpo.rollout.correction import importance_weights, mismatch_metrics, mismatch_sums
 from agpo.stats import VOTE_KEYS, group_vote_entropy
 
 TIME_KEYS = ("time/", "perf/")
@@ -167,6 +170,11 @@ class Trainer:
         self.step_count = 0
         self.tokens_generated = 0
         self.chat = uses_chat_template(tokenizer)
+        self.engine = make_engine(cfg, self.layout, tokenizer, dtype=compute_dtype or next(model.parameters()).dtype)
+        self.tis = cfg.loss.tis or ("token" if self.engine.name == "vllm" else "off")
+        self.weights_version = 0
+        """Optimiser steps taken (and checkpoints loaded): an engine with its own copy of the
+        weights re-syncs when the version it holds differs."""
 
     # -- ranks -------------------------------------------------------------------------
     def _block(self, n: int) -> slice:
@@ -198,11 +206,24 @@ class Trainer:
     def _sample(self, prompts, stop, tau, *, phase: int, first_prompt: int) -> Rollout:
         """One phase's samples; the noise depends on (seed, step, phase, global row) only."""
         r = self.cfg.rollout
-        with self.layout.generation() as model:
-            return sample_groups(model, self.tokenizer, prompts, tau, group_size=r.group_size,
-                                 max_new_tokens=r.max_new_tokens, top_p=r.top_p, batch_rows=r.generation_batch_size,
-                                 add_special_tokens=not self.chat, stop=stop, seed=self.cfg.run.seed,
-                                 stream=2 * self.step_count + phase, row_offset=first_prompt * r.group_size)
+        return self.engine.sample(prompts, tau, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
+                                  top_p=r.top_p, add_special_tokens=not self.chat, stop=stop, seed=self.cfg.run.seed,
+                                  stream=2 * self.step_count + phase, row_offset=first_prompt * r.group_size,
+                                  weights_version=self.weights_version)
+
+    def _correction(self, roll: Rollout, old_logp: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Truncated importance weights ``[R, C]`` (None: off) and the engine-vs-trainer
+        mismatch metrics over all ranks' tokens (none when the engine reports no log-probs, or
+        when the trainer scores at temperature 1: its log-probs are then of another policy than
+        the tempered one the engine sampled from, and ``resolve_defaults`` keeps TIS off)."""
+        if roll.logprobs is None or self.cfg.loss.score_temperature == "one":
+            if self.tis != "off":
+                raise ValueError(f"--tis {self.tis}: the {roll.engine} engine reports no log-probs")
+            return None, {}
+        mask = roll.batch.completion_mask
+        w = importance_weights(old_logp, roll.logprobs, mask, mode=self.tis, cap=self.cfg.loss.tis_cap)
+        sums = all_reduce_sum(mismatch_sums(old_logp, roll.logprobs, mask, w, self.cfg.loss.tis_cap), self.env)
+        return w, mismatch_metrics(sums)
 
     def _rewards(self, problems: list[Problem], prompts: list[str], roll: Rollout) -> torch.Tensor:
         G = roll.group_size
@@ -259,8 +280,9 @@ class Trainer:
         return len(idx) / total["rows"]
 
     def update(self, batch: SequenceBatch, adv: torch.Tensor, eps: torch.Tensor, old_logp: torch.Tensor,
-               ref_logp: torch.Tensor | None) -> dict[str, float]:
-        """``update_epochs`` optimiser steps on one rollout batch; per-row ``adv``, ``eps``."""
+               ref_logp: torch.Tensor | None, is_weight: torch.Tensor | None = None) -> dict[str, float]:
+        """``update_epochs`` optimiser steps on one rollout batch; per-row ``adv``, ``eps``;
+        per-token truncated importance weights ``is_weight`` (None: 1)."""
         cfg, world = self.cfg, self.env.world_size
         self.policy.train()
         groups = micro_batches(batch, cfg.optim.micro_batch_tokens, packed=cfg.optim.packing)
@@ -275,7 +297,7 @@ class Trainer:
             for idx in self._same_count(groups):
                 real = idx is not None
                 idx = idx if real else groups[0]  # a zero-weight pass keeps the ranks' collectives paired
-                inp, tok = self._micro(batch, idx, old_logp=old_logp, ref_logp=ref_logp)
+                inp, tok = self._micro(batch, idx, old_logp=old_logp, ref_logp=ref_logp, is_weight=is_weight)
                 args = dict(advantages=adv[idx].to(self.device), old_logp=tok["old_logp"],
                             eps_low=eps[idx].to(self.device), eps_high=(eps[idx] + cfg.loss.eps_high_offset).to(self.device),
                             beta=cfg.loss.beta, kl_estimator=cfg.loss.kl_estimator,
@@ -283,6 +305,8 @@ class Trainer:
                             loss_agg=cfg.loss.loss_agg, max_len=cfg.rollout.max_new_tokens)
                 if tok["ref_logp"] is not None:
                     args["ref_logp"] = tok["ref_logp"]
+                if tok["is_weight"] is not None:
+                    args["is_weight"] = tok["is_weight"]
                 loss, m = self.policy(inp, args)
                 w = self._share(batch, idx, total) if real else 0.0
                 (loss * (w * world)).backward()  # FSDP averages gradients over ranks
@@ -298,6 +322,7 @@ class Trainer:
             applied = not self._any_rank(not finite(epoch_loss, norms[-1]))  # the loss is this rank's
             if applied:
                 self.optimizer.step()
+                self.weights_version += 1
                 self.scheduler.step()
             else:  # a non-finite step: nothing of it is applied (nor counted by the LR schedule)
                 skipped += 1
@@ -342,7 +367,7 @@ class Trainer:
         problems = problems[mine]
         prompts, stop = self._prompts(problems)
         m: dict[str, float] = {}
-        probe_tokens = 0
+        probe_tokens, sync_s = 0, 0.0
         if cfg.controller.needs_probe:
             probe = self._sample(prompts, stop, torch.full((len(problems),), cfg.controller.tau_base),
                                  phase=0, first_prompt=mine.start)
@@ -353,6 +378,7 @@ class Trainer:
             if finite(probe_rewards.mean(1), probe_rewards.std(1)):  # else (rewards of 1e308) the statistics overflow
                 tau = ctl.probe_step(probe_rewards, [probe_texts[p * G:(p + 1) * G] for p in range(P)])
             probe_tokens = probe.generated_tokens
+            sync_s += probe.sync_seconds
             m.update({"probe/reward_mean": float(probe_rewards.mean()), "time/generate_probe": probe.seconds,
                       "probe/vote_entropy": ctl.metrics().get("probe/entropy", math.nan)})
         else:
@@ -361,6 +387,7 @@ class Trainer:
         if bad:
             tau = torch.full((P,), cfg.controller.tau_base)
         roll = self._sample(prompts, stop, tau[mine], phase=1, first_prompt=mine.start)
+        self.engine.idle()  # no rollout before the update: a colocated engine frees its memory
         rewards = self._rewards(problems, prompts, roll)
         adv = ctl.advantages(rewards).reshape(-1)
         batch = scoring_batch(roll.batch, cfg.loss.score_temperature)
@@ -379,12 +406,14 @@ class Trainer:
             eps = torch.full((P,), cfg.controller.eps_base)
         else:
             eps = ctl.clip_step(self._cat(_group_token_mean(ent, batch.completion_mask, G)))
+        is_weight, mismatch = self._correction(roll, old_logp)
+        m.update(mismatch)
 
         t0 = time.perf_counter()
         if bad:
             m.update(self._skip_update(ref_logp is not None))
         else:
-            m.update(self.update(batch, adv, eps[mine].repeat_interleave(G), old_logp, ref_logp))
+            m.update(self.update(batch, adv, eps[mine].repeat_interleave(G), old_logp, ref_logp, is_weight))
         t_update = time.perf_counter() - t0
         applied = cfg.optim.update_epochs - m["optim/skipped_steps"]
         if cfg.controller.adaptive_clip:
@@ -424,7 +453,8 @@ class Trainer:
                   "response/length": float(lengths.mean()), "response/length_max": float(lengths.max()),
                   "tokens/generated_probe": probe_tokens, "tokens/generated_train": train_tokens,
                   "tokens/generated_total": self.tokens_generated,
-                  "time/generate": roll.seconds, "time/score": t_score, "time/update": t_update,
+                  "time/generate": roll.seconds, "time/weight_sync": sync_s + roll.sync_seconds,
+                  "time/score": t_score, "time/update": t_update,
                   "time/step": time.perf_counter() - t_step,
                   # throughput: all ranks' tokens over this rank's (rank 0's, when logged) seconds
                   "perf/generate_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
@@ -503,4 +533,9 @@ class Trainer:
     def load_checkpoint(self, path, state: dict) -> None:
         """Continue from checkpoint ``path`` (its ``trainer_state.pt`` already read into ``state``)."""
         ckpt.load_weights(path, self.policy, self.optimizer, trainable_only=self.layout.lora)
+        self.weights_version += 1  # new weights: an engine holding a copy must reload them
         self.load_state_dict(state["trainer"])
+
+    def close(self) -> None:
+        """Free the rollout engine."""
+        self.engine.close()

@@ -84,6 +84,7 @@ class FlatLoss:
     targets: torch.Tensor         # [N] int64
     old_logp: torch.Tensor        # [N] fp32
     ref_logp: torch.Tensor | None # [N] fp32
+    is_weight: torch.Tensor | None  # [N] fp32 importance weight of the surrogate (None: 1)
     adv: torch.Tensor             # [N] fp32 (per-sequence value expanded)
     eps_low: torch.Tensor         # [N] fp32
     eps_high: torch.Tensor        # [N] fp32
@@ -119,7 +120,7 @@ def _per_token(name: str, t: torch.Tensor | None, shape: torch.Size, device) -> 
 
 def flatten_loss_inputs(hidden, weight, targets, advantages, old_logp, *, mask, cu_seqlens,
                         eps_low, eps_high, temperature, ref_logp, beta, loss_agg,
-                        kl_estimator="k3", dual_clip=None, max_len=None) -> FlatLoss:
+                        kl_estimator="k3", dual_clip=None, max_len=None, is_weight=None) -> FlatLoss:
     """Checks every ``agpo_loss`` argument and returns the flat per-token form."""
     device = hidden.device
     if kl_estimator not in KL_ESTIMATORS:
@@ -158,6 +159,7 @@ def flatten_loss_inputs(hidden, weight, targets, advantages, old_logp, *, mask, 
     targets = check_targets(targets, weight.shape[0])
     old = _per_token("old_logp", old_logp, tok_shape, device)
     ref = _per_token("ref_logp", ref_logp, tok_shape, device)
+    isw = _per_token("is_weight", is_weight, tok_shape, device)
     if mask is None:
         keep = torch.ones(tok_shape, dtype=torch.bool, device=device)
     else:
@@ -188,6 +190,12 @@ def flatten_loss_inputs(hidden, weight, targets, advantages, old_logp, *, mask, 
     if ref is not None:
         ref_flat = ref.reshape(-1)[index]
         check_finite("ref_logp", ref_flat)
+    isw_flat = None
+    if isw is not None:
+        isw_flat = isw.reshape(-1)[index]
+        check_finite("is_weight", isw_flat)
+        if bool((isw_flat < 0).any()):
+            fail("is_weight", "importance weights must be >= 0")
 
     # Aggregation weights (SPEC section 2).
     seq_len = torch.bincount(seq, minlength=num_seqs).to(torch.float32)
@@ -205,7 +213,7 @@ def flatten_loss_inputs(hidden, weight, targets, advantages, old_logp, *, mask, 
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     sel_h = flat_h if index.numel() == flat_h.shape[0] else flat_h.index_select(0, index)
     return FlatLoss(
-        hidden=sel_h, targets=targets.reshape(-1)[index], old_logp=old_flat, ref_logp=ref_flat,
+        hidden=sel_h, targets=targets.reshape(-1)[index], old_logp=old_flat, ref_logp=ref_flat, is_weight=isw_flat,
         adv=adv[seq], eps_low=e_lo[seq], eps_high=e_hi[seq],
         temperature=temp[seq] if isinstance(temp, torch.Tensor) else float(temp),
         weight=w, index=index, out_shape=tuple(tok_shape),

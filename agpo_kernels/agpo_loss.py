@@ -23,7 +23,7 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               kl_estimator: str = "k3", entropy_coef: float = 0.0, dual_clip: float | None = None,
               loss_agg: str = "token-mean", bias: torch.Tensor | None = None, impl: str = "auto",
               max_len: int | None = None, memory_budget: int | None = None,
-              kl_ratio_weight: bool = False):
+              kl_ratio_weight: bool = False, is_weight: torch.Tensor | None = None):
     """AGPO / GRPO clipped policy loss computed from hidden states.
 
     Args:
@@ -34,6 +34,10 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         old_logp: ``[B, T]`` / ``[N]`` log-probs of the behaviour policy (at the same
             temperature); ``ref_logp`` likewise for the reference policy (needed if beta > 0).
         mask: ``[B, T]`` / ``[N]``; 0 drops a token (prompt, padding).
+        is_weight: optional ``[B, T]`` / ``[N]`` (like old_logp) detached importance weight
+            >= 0 that multiplies each token's clipped surrogate only (not the KL or the
+            entropy term), e.g. truncated importance sampling of a rollout engine whose
+            log-probs differ from the trainer's. None: 1.
         cu_seqlens: int32 ``[S+1]`` sequence boundaries of the packed layout.
         eps_low, eps_high: clip range, a float or a per-sequence tensor (eps_high None:
             equal to eps_low).
@@ -59,7 +63,7 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                cu_seqlens=cu_seqlens, eps_low=eps_low, eps_high=eps_high,
                                temperature=temperature, ref_logp=ref_logp, beta=beta,
                                loss_agg=loss_agg, kl_estimator=kl_estimator,
-                               dual_clip=dual_clip, max_len=max_len)
+                               dual_clip=dual_clip, max_len=max_len, is_weight=is_weight)
     logp, ent = linear_stats(flat.hidden, weight, bias, flat.targets, flat.temperature,
                              impl=impl, memory_budget=memory_budget)
     loss, metrics = agpo_objective(logp, ent, flat, beta=beta, kl_estimator=kl_estimator,
@@ -89,13 +93,13 @@ class AGPOLoss(nn.Module):
                             memory_budget=memory_budget, kl_ratio_weight=kl_ratio_weight)
 
     def forward(self, hidden, weight, targets, advantages, old_logp, *, mask=None, cu_seqlens=None,
-                ref_logp=None, bias=None, **overrides):
+                ref_logp=None, bias=None, is_weight=None, **overrides):
         unknown = set(overrides) - set(self.options)
         if unknown:
             raise TypeError(f"AGPOLoss.forward got unknown options {sorted(unknown)}")
         opts = {**self.options, **overrides}
         return agpo_loss(hidden, weight, targets, advantages, old_logp, mask=mask,
-                         cu_seqlens=cu_seqlens, ref_logp=ref_logp, bias=bias, **opts)
+                         cu_seqlens=cu_seqlens, ref_logp=ref_logp, bias=bias, is_weight=is_weight, **opts)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.options.items() if not isinstance(v, torch.Tensor))

@@ -58,6 +58,8 @@ def agpo_objective(logp, entropy, flat, *, beta, kl_estimator, entropy_coef, dua
     """
     surr, ratio, clipped = clipped_surrogate(logp, flat.old_logp, flat.adv, flat.eps_low,
                                              flat.eps_high, dual_clip)
+    if flat.is_weight is not None:  # truncated importance sampling: scales the surrogate only
+        surr = surr * flat.is_weight
     l_tok = -surr
     kl = None
     if flat.ref_logp is not None:

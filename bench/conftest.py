@@ -13,12 +13,12 @@ def pytest_terminal_summary(terminalreporter):
     benches = getattr(session, "benchmarks", None) if session else None
     if not benches:
         return
-    from report import markdown_table, train_table, update_table
+    from report import markdown_table, rollout_table, train_table, update_table
 
     rows = [dict(name=b.name, median=b.stats.median, extra_info=dict(b.extra_info)) for b in benches]
     terminalreporter.write_line("")
     terminalreporter.write_line(markdown_table(rows))
-    for table in (train_table(rows), update_table(rows)):
+    for table in (train_table(rows), update_table(rows), rollout_table(rows)):
         if table:
             terminalreporter.write_line("")
             terminalreporter.write_line(table)

@@ -79,9 +79,30 @@ def update_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rollout_table(rows: list[dict]) -> str:
+    """The rollout rows (``extra_info["bench"] == "rollout"``): generation tokens/s per
+    engine on the same rollout, and each engine's speed relative to hf."""
+    rows = [r for r in rows if r["extra_info"].get("bench") == "rollout"]
+    if not rows:
+        return ""
+    hf = {(r["extra_info"]["model"], r["extra_info"]["device"]): r["extra_info"]["generate_tokens_per_s"]
+          for r in rows if r["extra_info"]["engine"] == "hf"}
+    lines = ["| model | device | engine | rollout median s | generated tokens | generate tok/s | vs hf | "
+             "weight sync s | engine start s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = r["extra_info"]
+        base = hf.get((x["model"], x["device"]))
+        rate = x["generate_tokens_per_s"]
+        lines.append(f"| {x['model']} | {x['device']} | {x['engine']} | {r['median']:.2f} | {x['generated_tokens']:.0f} "
+                     f"| {rate:.1f} | {f'{rate / base:.2f}x' if base else '-'} | {x['weight_sync_s']:.2f} "
+                     f"| {x['engine_start_s']:.1f} | {x['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     data = json.load(open(sys.argv[1]))
     rows = [dict(median=b["stats"]["median"], extra_info=b["extra_info"]) for b in data["benchmarks"]]
     print(markdown_table(rows))
     print(train_table(rows))
     print(update_table(rows))
+    print(rollout_table(rows))

@@ -25,7 +25,7 @@ def oracle_stats(hidden, weight, bias, targets, temperature):
 
 def oracle_loss(hidden, weight, targets, adv, old, mask, *, eps_low, eps_high, temperature,
                 ref=None, beta=0.0, kl="k3", ent_coef=0.0, dual_clip=None, agg="token-mean",
-                bias=None, max_len=None, kl_ratio_weight=False):
+                bias=None, max_len=None, kl_ratio_weight=False, is_weight=None):
     """Padded layout: hidden [B, T, D]; per-sequence adv/eps/temperature as [B] tensors."""
     B, T = targets.shape
     col = lambda v: (v if isinstance(v, torch.Tensor) else torch.full((B,), float(v))).double().reshape(B, 1)
@@ -38,6 +38,8 @@ def oracle_loss(hidden, weight, targets, adv, old, mask, *, eps_low, eps_high, t
     surr = torch.min(s1, s2)
     if dual_clip is not None:
         surr = torch.where(A < 0, torch.max(surr, dual_clip * A), surr)
+    if is_weight is not None:  # per-token importance weight on the surrogate only
+        surr = surr * is_weight.double()
     l = -surr
     kl_t = torch.zeros_like(logp)
     if ref is not None:

@@ -7,7 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from report import markdown_table  # noqa: E402
+from report import markdown_table, rollout_table  # noqa: E402
 
 
 def test_markdown_table_ratios():
@@ -22,6 +22,18 @@ def test_markdown_table_ratios():
     # 6e12 FLOP in 0.1 s = 60 TFLOP/s; matmul 2e12 in 0.01 s = 200 TFLOP/s -> 30%
     assert cells[3:] == ["100.00", "60.0", "30%", "3.00x", "1.50x", "40"]
     assert "200.0 TFLOP/s" in table
+
+
+def test_rollout_table_compares_engines_on_the_same_rollout():
+    info = lambda engine, rate, **kw: dict(bench="rollout", engine=engine, model="m", device="cpu", generated_tokens=512,
+                                           generate_tokens_per_s=rate, weight_sync_s=kw.get("sync", 0.0),
+                                           engine_start_s=1.0, peak_rss_mib=100.0)
+    rows = [dict(median=4.0, extra_info=info("hf", 128.0)), dict(median=8.0, extra_info=info("vllm", 64.0, sync=6.5)),
+            dict(median=1.0, extra_info=dict(bench="train_step"))]
+    lines = rollout_table(rows).splitlines()
+    assert len(lines) == 4
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[2:8] == ["vllm", "8.00", "512", "64.0", "0.50x", "6.50"]
 
 
 def test_gpu_suite_script_parses():

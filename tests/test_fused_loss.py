@@ -233,3 +233,52 @@ def test_auto_picks_triton_on_cuda_and_torch_on_cpu():
     assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"
     assert resolve_impl("auto", torch.device("cpu")) == "torch"
     assert resolve_impl("reference", torch.device("cuda", 0)) == "reference"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_is_weight_scales_the_surrogate_only(impl, packed):
+    """``is_weight`` (truncated importance sampling) against the float64 oracle: weights
+    in [0, 2] with exact zeros and the cap, on a problem with a KL term and an entropy
+    bonus (which the weight must leave alone) and clipped tokens."""
+    p = make_problem(B=4, T=6, bias=not packed)
+    B, T = p["y"].shape
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    isw = (torch.rand(B, T, generator=g) * 2.0).to(DEVICE)
+    isw[0, 1], isw[1, 0], isw[2, :] = 0.0, 2.0, 1.0
+    ins = leaves(p)
+    kw = dict(eps_low=0.2, eps_high=0.28, temperature=p["temp"], beta=0.05, entropy_coef=0.03,
+              impl=impl, memory_budget=BUDGET[impl])
+    if not packed:
+        loss, _ = agpo_loss(ins[0], ins[1], p["y"], p["adv"], p["old"], mask=p["mask"], bias=ins[2],
+                            ref_logp=p["ref"], is_weight=isw, **kw)
+    else:
+        cu = torch.arange(0, (B + 1) * T, T, device=DEVICE, dtype=torch.int32)
+        loss, _ = agpo_loss(ins[0].reshape(B * T, -1), ins[1], p["y"].reshape(-1), p["adv"], p["old"].reshape(-1),
+                            cu_seqlens=cu, mask=p["mask"].reshape(-1), ref_logp=p["ref"].reshape(-1),
+                            is_weight=isw.reshape(-1), max_len=T, **kw)
+    o_ins = [t.detach().double().requires_grad_() for t in ins]
+    o_loss, o_m = oracle_loss(o_ins[0], o_ins[1], p["y"], p["adv"], p["old"], p["mask"], eps_low=0.2, eps_high=0.28,
+                              temperature=p["temp"], ref=p["ref"], beta=0.05, ent_coef=0.03,
+                              bias=o_ins[2] if len(o_ins) == 3 else None, is_weight=isw)
+    assert o_m["clip_frac"].item() > 0
+    assert abs(loss.item() - o_loss.item()) <= 1e-5 * max(1.0, abs(o_loss.item()))
+    for gr, og in zip(torch.autograd.grad(loss, ins), torch.autograd.grad(o_loss, o_ins)):
+        assert rel(gr, og) < 1e-4
+    # the weight really matters: the unweighted oracle is a different loss
+    plain, _ = oracle_loss(*[t.detach().double() for t in ins[:2]], p["y"], p["adv"], p["old"], p["mask"],
+                           eps_low=0.2, eps_high=0.28, temperature=p["temp"], ref=p["ref"], beta=0.05,
+                           ent_coef=0.03, bias=ins[2].detach().double() if len(ins) == 3 else None)
+    assert abs(plain.item() - o_loss.item()) > 1e-3
+
+
+def test_is_weight_bad_input():
+    p = make_problem(B=2, T=3)
+    args = (p["h"], p["W"], p["y"], p["adv"], p["old"])
+    with pytest.raises(ValueError, match="is_weight.*shape"):
+        agpo_loss(*args, mask=p["mask"], is_weight=torch.ones(2, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="is_weight.*>= 0"):
+        agpo_loss(*args, mask=p["mask"], is_weight=-torch.ones(2, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="is_weight.*NaN"):
+        agpo_loss(*args, mask=torch.ones(2, 3, dtype=torch.bool, device=DEVICE),
+                  is_weight=torch.full((2, 3), float("nan"), device=DEVICE))

