@@ -182,8 +182,10 @@ def test_trainer_passes_the_tis_weight_to_the_loss(tmp_path, monkeypatch):
     seen = []
     real = agpo.policy.agpo_loss
 
-    def spy(*a, **kw):
-        seen.append((kw["is_weight"].clone(), kw["mask"].clone()))
+    def spy(*a, **kw):  # packed micro-batches (the default): one weight per real token, no mask
+        targets = a[2]
+        mask = kw["mask"].clone() if kw.get("mask") is not None else torch.ones_like(targets, dtype=torch.bool)
+        seen.append((kw["is_weight"].clone(), mask))
         return real(*a, **kw)
 
     monkeypatch.setattr(agpo.policy, "agpo_loss", spy)
