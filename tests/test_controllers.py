@@ -15,6 +15,9 @@ from agpo import controllers
 from agpo.controllers import (AGPOController, ControllerConfig, adaptive_clip, centre_uncertainty,
                               entropy_ratio, step_kl, temperature, uncertainty)
 
+PAPER = dict(baseline_min=0.0)
+"""The paper's formulas (SPEC section 1): no floor on the uncertainty baseline (the project's
+default keeps it at or above 0.5; test_baseline_floor_keeps_tau_responsive)."""
 PAPER_DEFAULTS = dict(eps_base=0.2, eps_min=0.05, eps_max=0.4, alpha_var=1.0, gamma_stepkl=0.5,
                       delta_probe_entropy=0.1, zeta_skew=0.0, dispersion="std", tau_base=1.0,
                       tau_min=0.5, tau_max=1.5, lambda_temp=0.15, w_r=1.0, w_e=1.0, w_k=0.0,
@@ -131,7 +134,7 @@ def test_config_checks_name_the_field(kwargs, field):
 # ---------------------------------------------------------------- formula branches
 
 def test_centre_uncertainty_cold_start_and_ema():
-    cfg = ControllerConfig()
+    cfg = ControllerConfig(**PAPER)
     assert centre_uncertainty(0.7, 0.0, cfg) == (0.0, 0.7)
     assert centre_uncertainty(0.7, 1e-8, cfg) == (0.0, 0.7)          # b <= floor is still cold
     c, b = centre_uncertainty(1.0, 0.5, cfg)
@@ -143,7 +146,7 @@ def test_centre_uncertainty_cold_start_and_ema():
 def test_uncertainty_weights_and_abs_skew():
     cfg = ControllerConfig(w_r=2.0, w_e=0.5, w_k=0.25)
     assert uncertainty(0.3, 1.2, -2.0, cfg) == pytest.approx(2 * 0.3 + 0.5 * 1.2 + 0.25 * 2.0, abs=1e-15)
-    ctl = AGPOController(ControllerConfig(w_k=1.0))
+    ctl = AGPOController(ControllerConfig(w_k=1.0, **PAPER))
     r = [1.0, 1.0, 1.0, 0.0]                                          # negative skew
     ctl.probe_step([r], [["a", "a", "b", "c"]], extract=None)
     want = statistics.stdev(r) + o_entropy(["a", "a", "b", "c"]) + abs(o_skew(r))
@@ -185,7 +188,7 @@ def test_adaptive_clip_by_hand_and_clamps():
 
 def test_step_kl_ignores_negative_groups():
     assert step_kl([0.1, -0.2, 0.3]) == pytest.approx(0.4 / 3, abs=1e-15)
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     assert ctl.update_step_kl(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)) == pytest.approx(0.4 / 3, abs=1e-15)
     assert ctl.step_kl_ema == pytest.approx(0.04 / 3, abs=1e-15)
     ctl.update_step_kl([0.05])
@@ -196,7 +199,7 @@ def test_step_kl_ignores_negative_groups():
 
 def test_controller_matches_oracle_over_steps():
     gen = torch.Generator().manual_seed(0)
-    ctl, ref = AGPOController(), Oracle()
+    ctl, ref = AGPOController(ControllerConfig(**PAPER)), Oracle()
     for _ in range(4):
         rewards, keys, hs, kls = random_step(gen)
         tau = ctl.probe_step(rewards, keys, extract=None)
@@ -213,7 +216,7 @@ def test_controller_matches_oracle_over_steps():
 
 
 def test_cold_start_first_group_samples_at_tau_base():
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     tau = ctl.probe_step([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]], [["1", "1", "2", "3"], ["5"] * 4],
                          extract=None)
     u0 = statistics.stdev([0.0, 1.0, 1.0, 1.0]) + o_entropy(["1", "1", "2", "3"])
@@ -223,7 +226,7 @@ def test_cold_start_first_group_samples_at_tau_base():
 
 
 def test_more_uncertainty_than_baseline_samples_hotter():
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     ctl.probe_step([[0.0, 0.0, 1.0, 1.0]], [["a", "a", "b", "b"]], extract=None)   # baseline
     state = ctl.state_dict()
     levels = [([0.0] * 4, ["a"] * 4), ([0.0, 0.0, 0.0, 1.0], ["a", "a", "a", "b"]),
@@ -237,7 +240,7 @@ def test_more_uncertainty_than_baseline_samples_hotter():
 
 
 def test_more_dispersion_gives_smaller_eps():
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     groups = [[0.0] * 4, [0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0]]
     ctl.probe_step(groups, [["7"] * 4] * 5, extract=None)
     eps = ctl.clip_step([1.0] * 5).tolist()
@@ -248,7 +251,7 @@ def test_more_dispersion_gives_smaller_eps():
 def test_more_step_kl_gives_smaller_eps():
     eps = []
     for kl in (0.0, 0.1, 0.5, 2.0):
-        ctl = AGPOController()
+        ctl = AGPOController(ControllerConfig(**PAPER))
         for _ in range(3):
             ctl.update_step_kl([kl, kl])
         assert ctl.step_kl_ema == pytest.approx(kl * (1 - 0.9 ** 3), rel=1e-12)
@@ -259,7 +262,7 @@ def test_more_step_kl_gives_smaller_eps():
 
 
 def test_policy_entropy_reference_order_and_clamps():
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     hs = [2.0, 1.5, 4.0, 0.5]
     ctl.probe_step([[1.0, 1.0]] * 4, [["x", "x"]] * 4, extract=None)     # sigma = E = 0
     eps = ctl.clip_step(hs).tolist()
@@ -296,7 +299,7 @@ def test_switches_off_give_plain_grpo():
 
 
 def test_call_order_is_enforced():
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     with pytest.raises(RuntimeError, match="probe_step"):
         ctl.clip_step([1.0])
     ctl.probe_step([[0.0, 1.0]], [["a", "b"]], extract=None)
@@ -316,7 +319,7 @@ def test_call_order_is_enforced():
 # ---------------------------------------------------------------- edge cases
 
 def test_single_response_groups():
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     tau = ctl.probe_step([[1.0], [0.0]], [["x"], ["y"]], extract=None)
     assert tau.tolist() == [1.0, 1.0] and ctl.baseline == 0.0            # u = 0 stays cold
     assert ctl.clip_step([1.0, 1.0]).tolist() == pytest.approx([0.2, 0.2], abs=1e-7)
@@ -325,7 +328,7 @@ def test_single_response_groups():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_inputs_are_errors_naming_the_argument(bad):
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     with pytest.raises(ValueError, match="rewards"):
         ctl.probe_step([[0.0, bad]], [["a", "b"]], extract=None)
     assert ctl.probe is None and ctl.probe_steps == 0                    # nothing half-updated
@@ -347,7 +350,7 @@ def test_negative_entropy_rounding_is_zero_and_real_negatives_fail():
 
 
 def test_empty_answer_texts_and_default_extraction():
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     tau = ctl.probe_step([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]], [["", "", ""], ["#### 12", "", "\\boxed{12}"]])
     assert torch.isfinite(tau).all()
     assert ctl.probe.entropy[0] == 0.0
@@ -377,17 +380,17 @@ def plain(x):
 def test_resumed_controller_continues_bit_for_bit(cut):
     gen = torch.Generator().manual_seed(1)
     steps = [random_step(gen) for _ in range(7)]
-    full = AGPOController()
+    full = AGPOController(ControllerConfig(**PAPER))
     outs = [run_step(full, d) for d in steps]
 
-    part = AGPOController()
+    part = AGPOController(ControllerConfig(**PAPER))
     for d in steps[:3]:
         run_step(part, d)
     if cut == "after_probe":
         part.probe_step(steps[3][0], steps[3][1], extract=None)
     state = part.state_dict()
     assert plain(state)
-    resumed = AGPOController()
+    resumed = AGPOController(ControllerConfig(**PAPER))
     resumed.load_state_dict(json.loads(json.dumps(state)))
     assert resumed.state_dict() == state
     first = 3
@@ -404,7 +407,7 @@ def test_resumed_controller_continues_bit_for_bit(cut):
 
 
 def test_state_dict_is_a_copy_and_load_checks():
-    ctl = AGPOController()
+    ctl = AGPOController(ControllerConfig(**PAPER))
     run_step(ctl, random_step(torch.Generator().manual_seed(2)))
     state = ctl.state_dict()
     snapshot = copy.deepcopy(state)
@@ -413,6 +416,36 @@ def test_state_dict_is_a_copy_and_load_checks():
     for key, value in [("baseline", float("nan")), ("h_count", -1), ("h_count", 1.5), ("probe", {"sigma": []})]:
         bad = dict(snapshot, **{key: value})
         with pytest.raises(ValueError, match=key):
-            AGPOController().load_state_dict(bad)
+            AGPOController(ControllerConfig(**PAPER)).load_state_dict(bad)
     with pytest.raises(ValueError, match="missing"):
-        AGPOController().load_state_dict({"baseline": 0.0})
+        AGPOController(ControllerConfig(**PAPER)).load_state_dict({"baseline": 0.0})
+
+
+def test_baseline_floor_keeps_tau_responsive():
+    """The default floor on b (0.5): after a long easy stretch (unanimous groups, u = 0) the
+    paper's b decays toward 0 and the next uncertain group pins tau at tau_max; with the
+    floor, b stays at 0.5, easy groups still cool to tau_base * (1 - lambda_temp) and
+    uncertain ones get graded temperatures below the clamp."""
+    easy = ([[1.0] * 4], [["7"] * 4])
+    levels = [([[0.0, 0.0, 0.0, 1.0]], [["7", "7", "7", "8"]]), ([[0.0, 0.0, 1.0, 1.0]], [["7", "7", "8", "9"]])]
+    for floor in (0.0, 0.5):
+        cfg = ControllerConfig(baseline_min=floor)
+        ctl = AGPOController(cfg)
+        ctl.probe_step([[0.0, 1.0, 1.0, 1.0]], [["1", "1", "2", "3"]], extract=None)  # cold start: b = u
+        easy_taus = [ctl.probe_step(*easy, extract=None).item() for _ in range(150)]
+        assert 1 - cfg.lambda_temp <= easy_taus[-1] < 0.9                               # c near -1: cooler
+        state = ctl.state_dict()
+        taus = []
+        for rewards, keys in levels:
+            ctl.load_state_dict(state)
+            taus.append(ctl.probe_step(rewards, keys, extract=None).item())
+        if floor == 0.0:
+            assert state["baseline"] < 1e-5 and taus == [cfg.tau_max] * 2               # the paper: pinned
+        else:
+            b = state["baseline"]
+            assert b == 0.5 and easy_taus[-1] == pytest.approx(1 - cfg.lambda_temp, abs=1e-6)  # c = -1
+            u = [statistics.stdev(r[0]) + o_entropy(k[0]) for r, k in levels]
+            assert taus == pytest.approx([1 + cfg.lambda_temp * (x - b) / (b + 1e-8) for x in u], abs=1e-6)
+            assert taus[0] < taus[1] < cfg.tau_max                                       # graded, not pinned
+    with pytest.raises(ValueError, match="baseline_min"):
+        ControllerConfig(baseline_min=-0.1)
