@@ -1,4 +1,5 @@
-"""Rollout sampling: Gumbel-max with counter-based noise (``agpo.rollout.hf``, ``agpo.rollout.noise``).
+"""Rollout sampling: inverse-CDF draws with counter-based uniforms (``agpo.rollout.hf``,
+``agpo.rollout.noise``).
 
 Real components only: the tiny preset's HF model and tokenizer, real ``generate``, and
 ``transformers``' own ``TopPLogitsWarper`` as the reference for the nucleus rule. The
@@ -12,8 +13,7 @@ import pytest
 import torch
 
 from agpo.models import build_char_tokenizer, build_tiny_model
-from agpo.rollout import (GumbelSampler, counter_hash, gumbel_from_hash, gumbel_noise, row_keys, sample_groups,
-                          top_p_filter)
+from agpo.rollout import CounterSampler, counter_hash, row_keys, sample_groups, step_uniforms, top_p_filter
 
 PROMPTS = ["12+34=", "7*8=", "100-1=", "5+5=", "99*99=", "3-2="]
 G = 3
@@ -26,11 +26,11 @@ def tiny():
 
 
 def _argmax_counts(z: torch.Tensor, tau: torch.Tensor, keys: torch.Tensor, *, step: int, top_p: float = 1.0):
-    """Token counts of ``argmax(GumbelSampler(...)(ids, z))`` with ``z`` repeated on every row."""
+    """Token counts of ``argmax(CounterSampler(...)(ids, z))`` with ``z`` repeated on every row."""
     n, V = keys.numel(), z.numel()
     prompt_len = 4
     ids = torch.zeros(n, prompt_len + step, dtype=torch.long)  # only its width matters: decode step `step`
-    out = GumbelSampler(tau, keys, prompt_len, top_p=top_p)(ids, z.float().expand(n, V).clone())
+    out = CounterSampler(tau, keys, prompt_len, top_p=top_p)(ids, z.float().expand(n, V).clone())
     assert out.dtype == torch.float32 and out.shape == (n, V)
     return torch.bincount(out.argmax(1), minlength=V).double()
 
@@ -59,7 +59,7 @@ def test_rows_of_one_call_use_their_own_temperature():
     tau = torch.tensor([0.7, 2.0]).repeat(n // 2)  # interleaved rows
     keys = row_keys(4, 1, n)
     ids = torch.zeros(n, 3, dtype=torch.long)
-    picks = GumbelSampler(tau, keys, 0)(ids, z.float().expand(n, -1).clone()).argmax(1)
+    picks = CounterSampler(tau, keys, 0)(ids, z.float().expand(n, -1).clone()).argmax(1)
     for i, T in enumerate((0.7, 2.0)):
         _assert_matches(torch.bincount(picks[i::2], minlength=7).double(), torch.softmax(z / T, 0))
 
@@ -98,7 +98,7 @@ def test_top_p_filter_is_transformers_rule():
 
 
 # -- the noise ---------------------------------------------------------------------------
-def test_hash_is_uniform_and_gumbel_has_the_right_moments():
+def test_hash_is_uniform():
     keys = row_keys(0, 0, 128)
     h = torch.cat([counter_hash(keys, t, 2048) for t in range(4)])  # 1M values
     assert int(h.min()) >= 0 and int(h.max()) < 2 ** 32
@@ -108,34 +108,56 @@ def test_hash_is_uniform_and_gumbel_has_the_right_moments():
     bins = torch.bincount((u * 16).long().view(-1), minlength=16).double()
     chi2 = float(((bins - n / 16) ** 2 / (n / 16)).sum())
     assert chi2 < 50, chi2  # 15 degrees of freedom: mean 15, sd 5.5
-    g = gumbel_from_hash(h)
-    assert g.dtype == torch.float32 and torch.isfinite(g).all()
-    assert abs(float(g.double().mean()) - 0.5772156649) < 5 * (math.pi / math.sqrt(6)) / math.sqrt(n)
-    assert abs(float(g.double().std()) - math.pi / math.sqrt(6)) < 0.01
-    torch.testing.assert_close(g.double(), -torch.log(-torch.log(u)), rtol=1e-5, atol=1e-5)
 
 
-def test_gumbel_extremes_are_finite():
-    h = torch.tensor([0, 255, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 256, 2 ** 32 - 1])
-    g = gumbel_from_hash(h)
-    u = ((h >> 8).double() + 0.5) / 2 ** 24
-    torch.testing.assert_close(g.double(), -torch.log(-torch.log(u)), rtol=1e-6, atol=1e-6)
-    assert torch.isfinite(g).all() and 17 < float(g[-1]) < 18 and -3 < float(g[0]) < -2.8
+def test_step_uniforms_are_uniform_with_52_bits():
+    keys = row_keys(3, 1, 4096)
+    u = torch.cat([step_uniforms(keys, t) for t in range(64)])  # 262k values
+    assert u.dtype == torch.float64 and float(u.min()) > 0 and float(u.max()) < 1
+    n = u.numel()
+    assert abs(float(u.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(float(u.var()) - 1 / 12) < 5 * math.sqrt(1 / 180 / n)
+    bins = torch.bincount((u * 64).long(), minlength=64).double()
+    assert float(((bins - n / 64) ** 2 / (n / 64)).sum()) < 120  # 63 degrees of freedom: mean 63, sd 11
+    # the low bits are random too (more than float32's 24): a draw can resolve p ~ 1e-12
+    low = (u * 2.0 ** 40).floor() % 2
+    assert abs(float(low.mean()) - 0.5) < 5 * math.sqrt(0.25 / n)
+    # the extremes of the hash map inside (0, 1)
+    h = torch.tensor([[0, 0], [2 ** 32 - 1, 2 ** 32 - 1]])
+    bits = (h[:, 0] << 20) | (h[:, 1] >> 12)
+    ext = (bits.double() + 0.5) * 2.0 ** -52
+    assert float(ext[0]) > 0 and float(ext[1]) < 1
 
 
-def test_noise_differs_across_rows_steps_and_tokens():
-    keys = row_keys(0, 0, 64)
-    h = torch.stack([counter_hash(keys, t, 64) for t in range(16)])  # [step, row, v]
-    flat = h.reshape(-1, 64)
-    assert torch.unique(flat, dim=0).shape[0] == flat.shape[0]  # no two (row, step) noise vectors alike
-    assert all(torch.unique(r).numel() == 64 for r in flat)  # no repeated value within a vector
-    # neighbouring rows / steps / tokens are not correlated
-    u = ((h >> 8).double() + 0.5) / 2 ** 24
-    for a, b in [(u[:, :-1], u[:, 1:]), (u[:-1], u[1:]), (u[..., :-1], u[..., 1:])]:
+def test_noise_differs_across_rows_and_steps():
+    keys = row_keys(0, 0, 512)
+    u = torch.stack([step_uniforms(keys, t) for t in range(64)])  # [step, row]
+    assert torch.unique(u).numel() == u.numel()
+    for a, b in [(u[:, :-1], u[:, 1:]), (u[:-1], u[1:])]:  # neighbouring rows / steps are not correlated
         c = torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1]
         assert abs(float(c)) < 5 / math.sqrt(a.numel()), float(c)
-    # the same (key, step) gives the same noise, on any shape of call
-    torch.testing.assert_close(gumbel_noise(keys[10:13], 5, 64), gumbel_noise(keys, 5, 64)[10:13], rtol=0, atol=0)
+    # the same (key, step) gives the same uniform, on any shape of call
+    torch.testing.assert_close(step_uniforms(keys[10:13], 5), step_uniforms(keys, 5)[10:13], rtol=0, atol=0)
+
+
+def test_sampler_returns_one_hot_scores_and_logprobs():
+    """The drawn token gets score 0 and every other -inf (greedy takes it); its recorded
+    log-prob is that of the (top-p) distribution it was drawn from."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 301, generator=gen) * 4
+    z[:, 7] = z[:, -1] = -float("inf")  # tokens of zero mass (also the last) are never drawn
+    tau = torch.tensor([0.5, 1.0, 1.5, 2.0, 0.8])
+    keys = row_keys(1, 2, 5)
+    for top_p in (1.0, 0.7):
+        s = CounterSampler(tau, keys, prompt_len=2, top_p=top_p)
+        for step in range(3):
+            out = s(torch.zeros(5, 2 + step, dtype=torch.long), z.clone())
+            pick = out.argmax(1)
+            assert (out == 0).sum(1).tolist() == [1] * 5 and torch.isinf(out).sum() == 5 * 300
+            assert not ((pick == 7) | (pick == 300)).any()
+            ref = torch.log_softmax(top_p_filter(z.double() / tau.double().unsqueeze(1), top_p), 1)
+            torch.testing.assert_close(s.logprobs[-1].double(), ref.gather(1, pick.unsqueeze(1)).squeeze(1),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_row_keys_are_global_and_distinct():
@@ -225,8 +247,8 @@ def test_bad_temperatures_are_refused(tiny):
     keys = row_keys(0, 0, 2)
     for tau in (torch.tensor([1.0, 0.0]), torch.tensor([float("nan"), 1.0]), torch.ones(2, 1)):
         with pytest.raises(ValueError, match="tau"):
-            GumbelSampler(tau, keys, 0)
+            CounterSampler(tau, keys, 0)
     with pytest.raises(ValueError, match="keys"):
-        GumbelSampler(torch.ones(3), keys, 0)
+        CounterSampler(torch.ones(3), keys, 0)
     with pytest.raises(ValueError, match="rows"):
-        GumbelSampler(torch.ones(2), keys, 0)(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 5))
+        CounterSampler(torch.ones(2), keys, 0)(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 5))

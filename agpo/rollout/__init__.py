@@ -2,10 +2,10 @@
 
 - ``base``: ``Rollout`` (what every engine returns) and ``RolloutEngine`` (what the
   trainer calls: ``sample``, ``idle``, ``describe``, ``close``);
-- ``hf``: ``generate`` on the policy with counter-based Gumbel sampling (the default on
+- ``hf``: ``generate`` on the policy with counter-based inverse-CDF sampling (the default on
   CPUs and the reference the tests compare against);
 - ``vllm``: a colocated vLLM engine with weight sync and sleep mode;
-- ``noise``: per-row keys (and the HF engine's Gumbel noise);
+- ``noise``: per-row keys (and the HF engine's per-step uniforms);
 - ``weights``: the policy's weights streamed for an engine that holds its own copy;
 - ``correction``: engine vs trainer log-prob mismatch and truncated importance sampling.
 
@@ -21,14 +21,13 @@ import importlib.util
 import torch
 
 from agpo.rollout.base import Rollout, RolloutEngine
-from agpo.rollout.hf import GumbelSampler, HFEngine, RowTemperature, sample_groups, top_p_filter
-from agpo.rollout.noise import counter_hash, gumbel_from_hash, gumbel_noise, row_keys
+from agpo.rollout.hf import CounterSampler, HFEngine, RowTemperature, sample_groups, top_p_filter
+from agpo.rollout.noise import counter_hash, row_keys, step_uniforms
 
 ENGINES = ("hf", "vllm", "auto")
 
-__all__ = ["ENGINES", "GumbelSampler", "HFEngine", "Rollout", "RolloutEngine", "RowTemperature", "counter_hash",
-           "gumbel_from_hash", "gumbel_noise", "make_engine", "resolve_engine", "row_keys", "sample_groups",
-           "top_p_filter"]
+__all__ = ["ENGINES", "CounterSampler", "HFEngine", "Rollout", "RolloutEngine", "RowTemperature", "counter_hash",
+           "make_engine", "resolve_engine", "row_keys", "sample_groups", "step_uniforms", "top_p_filter"]
 
 
 def resolve_engine(engine: str, device: str) -> str:

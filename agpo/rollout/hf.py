@@ -2,17 +2,18 @@
 against): all groups of a phase sampled in one ``generate`` call of the policy itself, each
 row at its own temperature, with sampling noise that depends only on the row's global index.
 
-Sampling is Gumbel-max with counter-based noise. ``GumbelSampler`` is a logits processor
-that divides row ``i``'s scores by ``tau[i]``, optionally keeps only the top-p nucleus (the
-rule of ``transformers``' ``TopPLogitsWarper``) and adds Gumbel noise ``g = -log(-log(u))``
-to every score; ``generate`` then decodes greedily (``do_sample=False``), and
-``argmax(z / tau + g)`` is an exact sample from ``softmax(z / tau)`` (with top-p: from it
-restricted to, and renormalised over, the nucleus). That is plain temperature sampling
-(``top_k=0``, no repetition penalty): the distribution the loss's ``softmax(z / T)`` scores.
+Sampling is an inverse-CDF draw with counter-based uniforms. ``CounterSampler`` is a
+logits processor that divides row ``i``'s scores by ``tau[i]``, optionally keeps only the
+top-p nucleus (the rule of ``transformers``' ``TopPLogitsWarper``), and picks the first
+token whose cumulative probability exceeds ``u``; it hands ``generate`` a one-hot score
+row, which greedy decoding (``do_sample=False``) takes. That is an exact sample from
+``softmax(z / tau)`` (with top-p: from it restricted to, and renormalised over, the
+nucleus): plain temperature sampling (``top_k=0``, no repetition penalty), the
+distribution the loss's ``softmax(z / T)`` scores.
 
-Why: the uniforms ``u`` come from no random generator. Each is a hash of (row key, decode
-step, vocabulary index), and a row's key is a hash of (``seed``, ``stream``, global row
-index) (``row_keys``; the trainer uses one stream per step and phase). So a row's sample
+Why: the uniform ``u`` comes from no random generator. It is a hash of (row key, decode
+step), and a row's key is a hash of (``seed``, ``stream``, global row index)
+(``row_keys``; the trainer uses one stream per step and phase). So a row's sample
 depends on those and on its logits only: not on the global RNG, on which other rows share
 the ``generate`` call, on ``batch_rows``, or on the process. Ranks that each generate a
 contiguous block of rows (``row_offset`` = global index of the block's first row) produce
@@ -29,7 +30,7 @@ sampler) is kept for other callers.
 policy scores and trains on, the decoded texts (cut at EOS, and at the stop string for
 plain-text prompts), the generated-token count that the token budget charges, and the
 log-probs of the sampled tokens under the distribution they were drawn from
-(``log_softmax(top_p_filter(z / tau))``, recorded by ``GumbelSampler``). ``HFEngine`` is
+(``log_softmax(top_p_filter(z / tau))``, recorded by ``CounterSampler``). ``HFEngine`` is
 the ``RolloutEngine`` the trainer calls: it samples from the policy's own weights (gathered
 once per phase when sharded), so it never needs a weight sync.
 """
@@ -41,7 +42,7 @@ import time
 import torch
 
 from agpo.rollout.base import Rollout, RolloutEngine, assemble, check_request, stop_ids
-from agpo.rollout.noise import gumbel_noise, row_keys
+from agpo.rollout.noise import row_keys, step_uniforms
 
 def _check_tau(tau: torch.Tensor) -> None:
     if (not isinstance(tau, torch.Tensor) or tau.dim() != 1 or not bool((tau > 0).all())
@@ -76,42 +77,64 @@ class RowTemperature:
         return scores / self.tau.to(device=scores.device, dtype=scores.dtype).unsqueeze(1)
 
 
-class GumbelSampler:
-    """Logits processor for greedy ``generate``: ``top_p_filter(scores[i] / tau[i]) + g[i]``
-    with ``g`` the counter-based Gumbel noise of row key ``keys[i]`` at decode step
-    ``input_ids.shape[1] - prompt_len``. The argmax of the result is a sample from
-    ``softmax(scores / tau)`` (top-p restricted). Returns float32 scores.
+class CounterSampler:
+    """Logits processor for greedy ``generate`` that draws row ``i``'s next token from
+    ``softmax(top_p_filter(scores[i] / tau[i]))`` by inverse CDF: the first token whose
+    cumulative probability reaches ``u * total``, with ``u`` the counter-based uniform of
+    row key ``keys[i]`` at decode step ``input_ids.shape[1] - prompt_len``
+    (``agpo.rollout.noise.step_uniforms``). It returns float32 scores that are 0 at the
+    drawn token and -inf elsewhere, so greedy decoding takes it.
 
-    ``logprobs`` collects, per decode step, the float32 log-prob of the chosen token
-    (the argmax greedy ``generate`` takes) under that top-p restricted, renormalised
-    distribution: the log-probs of the distribution actually sampled from."""
+    One uniform per row and step instead of a Gumbel value per vocabulary entry: the same
+    exact sample distribution and the same reproducibility (a row's draw depends on the
+    run seed, stream, global row, decode step and its own logits only), for a softmax and a
+    cumulative sum over the vocabulary instead of a hash and two logarithms per entry
+    (bench: bench/results/). The cumulative sum is taken in float64.
+
+    ``logprobs`` collects, per decode step, the float32 log-prob of the drawn token under
+    that top-p restricted, renormalised distribution: the log-probs of the distribution
+    actually sampled from."""
 
     def __init__(self, tau: torch.Tensor, keys: torch.Tensor, prompt_len: int, top_p: float = 1.0):
         _check_tau(tau)
         if not isinstance(keys, torch.Tensor) or keys.dim() != 1 or keys.shape[0] != tau.shape[0]:
-            raise ValueError(f"GumbelSampler: keys must be 1-D with one key per temperature ({tau.shape[0]}), "
+            raise ValueError(f"CounterSampler: keys must be 1-D with one key per temperature ({tau.shape[0]}), "
                              f"got {tuple(keys.shape) if isinstance(keys, torch.Tensor) else keys!r}")
         if not 0.0 < float(top_p) <= 1.0:
             raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
         if prompt_len < 0:
-            raise ValueError(f"GumbelSampler: prompt_len {prompt_len} < 0")
+            raise ValueError(f"CounterSampler: prompt_len {prompt_len} < 0")
         self.tau, self.keys, self.prompt_len, self.top_p = tau, keys.to(torch.int64), int(prompt_len), float(top_p)
         self.logprobs: list[torch.Tensor] = []
+        self._cdf = self._out = self._picked = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != self.tau.shape[0]:
-            raise ValueError(f"GumbelSampler: {self.tau.shape[0]} temperatures for {scores.shape[0]} rows")
+            raise ValueError(f"CounterSampler: {self.tau.shape[0]} temperatures for {scores.shape[0]} rows")
         step = input_ids.shape[1] - self.prompt_len
         if step < 0:
-            raise ValueError(f"GumbelSampler: {input_ids.shape[1]} tokens, fewer than the prompt ({self.prompt_len})")
-        z = scores.float() / self.tau.to(device=scores.device, dtype=torch.float32).unsqueeze(1)
-        z = top_p_filter(z, self.top_p)
-        if self.keys.device != z.device:
-            self.keys = self.keys.to(z.device)
-        out = z + gumbel_noise(self.keys, step, z.shape[1], device=z.device)
-        pick = out.argmax(1, keepdim=True)
-        self.logprobs.append((z.gather(1, pick) - torch.logsumexp(z, 1, keepdim=True)).squeeze(1).cpu())
-        return out
+            raise ValueError(f"CounterSampler: {input_ids.shape[1]} tokens, fewer than the prompt ({self.prompt_len})")
+        # in place on generate's fresh logits of this step (copied when not fp32), into buffers
+        # kept across steps: at 64 x 49k the work is a few passes, fresh tensors cost more
+        z = scores.float().div_(self.tau.to(device=scores.device, dtype=torch.float32).unsqueeze(1))
+        w = top_p_filter(z, self.top_p)
+        w = w.sub_(w.amax(1, keepdim=True)).exp_()                    # unnormalised: max 1, -inf -> 0
+        if self._cdf is None or self._cdf.shape != w.shape or self._cdf.device != w.device:
+            self._cdf = torch.empty(w.shape, dtype=torch.float64, device=w.device)
+            self._out = torch.full(w.shape, -float("inf"), device=w.device)
+            self._picked = None
+        cdf = torch.cumsum(w, 1, dtype=torch.float64, out=self._cdf)
+        total = cdf[:, -1:]
+        u = step_uniforms(self.keys, step, device=w.device).unsqueeze(1)
+        # the first token whose cumulative mass reaches u * total: u in (0, 1), so a token of
+        # zero mass (its cumulative mass equal to an earlier token's) is never the first
+        pick = torch.searchsorted(cdf, u * total)
+        # a token of zero mass is never drawn, so the log is finite
+        self.logprobs.append((w.gather(1, pick).double().log_() - total.log()).squeeze(1).float().cpu())
+        if self._picked is not None:
+            self._out.scatter_(1, self._picked, -float("inf"))
+        self._picked = pick
+        return self._out.scatter_(1, pick, 0.0)
 
 
 @torch.no_grad()
@@ -132,7 +155,7 @@ def sample_groups(model, tokenizer, prompts: list[str], tau: torch.Tensor, *, gr
     eos_ids, pad_id = stop_ids(model, tokenizer)
     if not 0.0 < float(top_p) <= 1.0:
         raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
-    # Greedy decoding over GumbelSampler's perturbed scores: generate adds no sampling warpers
+    # Greedy decoding over CounterSampler's one-hot scores: generate adds no sampling warpers
     # of its own (temperature / top-k / top-p only apply with do_sample=True), and the explicit
     # neutral values keep a checkpoint's generation_config.json from filling them in.
     gen_cfg = GenerationConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -154,7 +177,7 @@ def sample_groups(model, tokenizer, prompts: list[str], tau: torch.Tensor, *, gr
         for s in range(0, rows, step):
             sl = slice(s, min(s + step, rows))
             kw = dict(tokenizer=tokenizer) if stop else {}
-            sampler = GumbelSampler(row_tau[sl], keys[sl], prompt_len=ids[sl].shape[1], top_p=top_p)
+            sampler = CounterSampler(row_tau[sl], keys[sl], prompt_len=ids[sl].shape[1], top_p=top_p)
             out = model.generate(input_ids=ids[sl].to(device), attention_mask=mask[sl].to(device),
                                  generation_config=gen_cfg, synced_gpus=False,  # gathered: no per-token sync
                                  logits_processor=LogitsProcessorList([sampler]), **kw)
@@ -191,4 +214,4 @@ class HFEngine(RolloutEngine):
                                  row_offset=row_offset)
 
     def describe(self) -> str:
-        return "hf (transformers generate on the policy, counter-based Gumbel sampling)"
+        return "hf (transformers generate on the policy, counter-based inverse-CDF sampling)"

@@ -2,8 +2,9 @@
 vocabulary index), so a row's randomness depends on nothing else.
 
 ``row_keys(seed, stream, rows, offset)`` gives each global row a 32-bit key (the trainer
-uses one stream per step and phase). The HF engine turns keys into Gumbel noise for every
-decode step (``gumbel_noise``); the vLLM engine uses them as per-request seeds. Hashing
+uses one stream per step and phase). The HF engine turns a key into one uniform per decode
+step (``step_uniforms``) for an inverse-CDF draw; the vLLM engine uses keys as
+per-request seeds. Hashing
 works on int64 tensors (or Python ints) holding values in [0, 2^32): a product is formed
 from the 16-bit halves of its 32-bit constant, so no int64 product overflows, and right
 shifts only ever see non-negative values. The tensor versions work in place.
@@ -88,21 +89,12 @@ def counter_hash(keys: torch.Tensor, step: int, vocab: int, device=None) -> torc
     return _fmix32_(r.unsqueeze(1) ^ v.unsqueeze(0))
 
 
-def gumbel_from_hash(h: torch.Tensor) -> torch.Tensor:
-    """Float32 Gumbel noise ``-log(-log(u))`` from 32-bit hashes, ``u = (h24 + 0.5) / 2^24``
-    with ``h24`` the top 24 bits: ``u`` in (0, 1), never 0 or 1.
-
-    ``-log(u)`` is taken as ``-log(p)`` with ``p = u`` below 1/2 and as ``-log1p(-p)`` with
-    ``p = 1 - u`` above, so ``p`` (an odd multiple of ``2^-25``, at most 1/2) is exact in
-    float32 and the top values do not round to ``u = 1`` (an infinite ``g``)."""
-    h24 = (h >> 8).to(torch.int32)
-    upper = h24 >= (1 << 23)
-    b = torch.where(upper, ((1 << 24) - 1) - h24, h24)           # in [0, 2^23)
-    p = b.to(torch.float32).add_(0.5).mul_(2.0 ** -24)            # exact, < 1/2
-    log_u = torch.where(upper, torch.log1p(p.neg()), torch.log(p))
-    return log_u.neg_().log_().neg_()
-
-
-def gumbel_noise(keys: torch.Tensor, step: int, vocab: int, device=None) -> torch.Tensor:
-    """Float32 ``[rows, vocab]`` Gumbel noise of rows ``keys`` at decode step ``step``."""
-    return gumbel_from_hash(counter_hash(keys, step, vocab, device))
+def step_uniforms(keys: torch.Tensor, step: int, device=None) -> torch.Tensor:
+    """Float64 ``[rows]`` uniforms in (0, 1), one per row key at decode step ``step``, with 52
+    random bits: ``(h0 * 2^20 + (h1 >> 12) + 0.5) / 2^52`` from the two 32-bit hashes
+    ``counter_hash(keys, step, 2)``: exact in float64, never 0 or 1 (at most 1 - 2^-53, the
+    largest float64 below 1). An inverse-CDF draw with it resolves probabilities far below
+    any a float32 softmax can represent."""
+    h = counter_hash(keys, step, 2, device)
+    bits = (h[:, 0] << 20) | (h[:, 1] >> 12)                      # < 2^52
+    return bits.to(torch.float64).add_(0.5).mul_(2.0 ** -52)
