@@ -48,7 +48,7 @@ WEIGHTS_DIR = "weights"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 RESUMABLE_CHANGES = {"run": {"resume", "stop_after", "progress", "tensorboard", "out_dir", "eval_every", "eval_size",
-                             "save_every", "keep_checkpoints", "steps", "token_budget",
+                             "save_every", "keep_checkpoints", "steps", "token_budget", "eval_max_new_tokens",
                              "dist_timeout"},
                      "guard": {"verifier_workers", "verifier_timeout", "verifier_batch_timeout", "reward_errors",
                                "max_skipped_steps"},

@@ -271,6 +271,8 @@ class RunConfig:
     """Held-out problems evaluated before and after RL (0: no evaluation)."""
     eval_every: int = 0
     """Also evaluate every k steps (0: only before and after)."""
+    eval_max_new_tokens: int | None = None
+    """Completion cap of the held-out evaluation (None: --max-new-tokens, the rollouts' cap)."""
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = False
@@ -284,6 +286,7 @@ class RunConfig:
             raise ConfigError(f"--algo: expected agpo or grpo, got {self.algo!r}")
         _positive(self, "steps", "token_budget", "stop_after")
         _positive(self, "save_every", "eval_size", "eval_every", "seed", allow_zero=True)
+        _positive(self, "eval_max_new_tokens")
         _positive(self, "dist_timeout")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"--keep-checkpoints: must be >= 1, got {self.keep_checkpoints}")

@@ -494,9 +494,10 @@ class Trainer:
         batch_size = cfg.rollout.generation_batch_size or 64
         n, world, rank = len(problems), self.env.world_size, self.env.rank
         mine = problems[rank * n // world:(rank + 1) * n // world]
+        cap = cfg.run.eval_max_new_tokens or cfg.rollout.max_new_tokens
         with self.layout.generation() as model:
-            s = evaluate(model, self.tokenizer, mine, max_new_tokens=cfg.rollout.max_new_tokens,
-                         batch_size=batch_size, seed=cfg.run.seed, progress=False)["summary"] if mine else None
+            s = evaluate(model, self.tokenizer, mine, max_new_tokens=cap, batch_size=batch_size, seed=cfg.run.seed,
+                         progress=False)["summary"] if mine else None
         if not self.env.distributed:
             return s
         parts = [q for q in self._gather(s) if q is not None]
