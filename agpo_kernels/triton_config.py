@@ -1,8 +1,8 @@
 """Tile configurations of the Triton kernels, per GPU generation and dtype.
 
 Shipped configurations are listed in ``SHIPPED`` so that the compile test can build every
-one of them for sm_80 and sm_90 without a GPU (see tests/test_triton_compile.py and
-docs/kernels.md for the reasoning behind each choice).
+one of them for sm_80, sm_90, sm_100 and sm_120 without a GPU (see
+tests/test_triton_compile.py and docs/kernels.md for the reasoning behind each choice).
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ _TILES_32 = {
 _INTERPRET = {
     "fwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, TARGET_PROGRAMS=8),
     "bwd": dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, GROUP_N=2),
+    "rows": dict(BLOCK_V=32),
 }
+# The row kernel of the forward-gradient design streams fp32 logits (memory bound, no
+# dot): one program per row, 4096 columns per step; the same on every architecture.
+_ROWS = dict(BLOCK_V=4096, num_warps=8)
 
 SHIPPED = [(arch, kind, dtype, (_TILES_32 if dtype == torch.float32 else _TILES_16)[(arch, kind)])
            for arch in (80, 90) for kind in ("fwd", "bwd")
@@ -60,6 +64,12 @@ def _config(kind: str, dtype: torch.dtype, device: torch.device) -> dict:
         return dict(_INTERPRET[kind])
     table = _TILES_32 if dtype == torch.float32 else _TILES_16
     return dict(table[(_arch(device), kind)])
+
+
+def rows_config(device: torch.device) -> dict:
+    if interpreting() or device.type != "cuda":
+        return dict(_INTERPRET["rows"])
+    return dict(_ROWS)
 
 
 def fwd_config(dtype: torch.dtype, device: torch.device) -> dict:
