@@ -93,7 +93,10 @@ class HeadGrads:
     def add_chunk(self, dz: torch.Tensor, h_c: torch.Tensor, r0: int, r1: int) -> None:
         """``dz [c, V]`` (compute dtype, any row stride) of rows ``[r0, r1)``, ``h_c`` their hidden."""
         if self.dh is not None:
-            self.rows.put(self.dh, r0, r1, torch.mm(dz, self.w_cd))
+            if self.rows.index is None and self.rows.flat is not None and self.dh.dtype == dz.dtype:
+                torch.mm(dz, self.w_cd, out=self.dh.view(-1, self.rows.D)[r0:r1])  # straight into dh
+            else:
+                self.rows.put(self.dh, r0, r1, torch.mm(dz, self.w_cd))
         if self.dw is not None:
             addmm_acc(self.dw, dz.t(), h_c)
         if self.db is not None:

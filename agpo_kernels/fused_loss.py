@@ -63,6 +63,7 @@ class _ForwardGradientLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, run):
         out, grads = run(hidden, weight, bias)
         ctx.grads = grads
+        ctx.set_materialize_grads(False)  # the metric outputs get no gradient tensors
         sums = out.sum(1)
         ctx.mark_non_differentiable(sums, out)
         return sums[0].clone(), sums, out
@@ -77,7 +78,10 @@ class _ForwardGradientLoss(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         for g in grads:
             if g is not None:
-                g.mul_(g_loss)
+                if g_loss is None:
+                    g.zero_()
+                else:
+                    g.mul_(g_loss)
         return grads[0], grads[1], grads[2], None
 
 

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from .chunks import HeadGrads, HiddenRows, rows_per_chunk
-from .triton_config import NEG_BIG, bwd_config, dot_precision, upcast_dot
-from .triton_tile import logit_tile
+from .triton_config import NEG_BIG, bwd_config, dot_precision, round_bf16_stores, upcast_dot
+from .triton_tile import logit_tile, round_bf16
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _dlogits_kernel(
     inv_t,        # fp32 scalar 1/temperature (if not ROW_TEMP)
     V, D, stride_h, stride_w, stride_dz, r_lo, r_hi,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, EVEN_K: tl.constexpr, RAW: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, RNE: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # Grouped ordering: GROUP_N row blocks sweep the vocabulary tiles together so their h
@@ -85,17 +85,20 @@ def _dlogits_kernel(
             it = tl.load(invt_ptr + rows, mask=row_ok, other=1.0)
         else:
             it = tl.zeros([BLOCK_N], dtype=tl.float32) + inv_t
-        z = acc * it[:, None]
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        # Columns past V get z = -1e30 and padding rows lse = +1e30: p = exp(z - lse) is
+        # exactly 0 there, so nothing unset reaches an exp or the stores (masked as well).
+        z = tl.where(col_ok[None, :], acc * it[:, None], NEG_BIG)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=-NEG_BIG)
         mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
         g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
         g_h = tl.load(gh_ptr + rows, mask=row_ok, other=0.0)
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-        # Padding rows and columns past V get p = 0 and z - mu = 0: no exp of anything unset.
-        p = tl.where(ok, tl.exp(tl.where(ok, z - lse[:, None], 0.0)), 0.0)
-        dz = -p * (g_lp[:, None] + g_h[:, None] * tl.where(ok, z - mu[:, None], 0.0))
+        p = tl.exp(z - lse[:, None])
+        dz = -p * (g_lp[:, None] + g_h[:, None] * (z - mu[:, None]))
         dz += tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)
         dz = dz * it[:, None]
+        if RNE:
+            dz = round_bf16(dz)
         tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
@@ -114,7 +117,7 @@ def _launch(hidden, weight, bias, targets, inv_t, lse, mu, g_lp, g_h, dz, r_lo, 
         dz.stride(0), r_lo, r_hi,
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, EVEN_K=hidden.shape[1] % cfg["BLOCK_K"] == 0, RAW=raw,
         PRECISION=dot_precision(hidden.dtype), UPCAST=upcast_dot(hidden.dtype),
-        BLOCK_N=bn, BLOCK_V=bv, NUM_STAGES=cfg.get("num_stages", 2), **cfg,
+        RNE=round_bf16_stores(dz.dtype), BLOCK_N=bn, BLOCK_V=bv, NUM_STAGES=cfg.get("num_stages", 2), **cfg,
     )
 
 

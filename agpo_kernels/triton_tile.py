@@ -38,3 +38,13 @@ def logit_tile(
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return acc
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 value (ties to even), still as fp32. Only for
+    the CPU interpreter, whose own fp32 -> bf16 conversion truncates (twice the rounding
+    error, and biased); compiled kernels round to nearest in the conversion itself."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
