@@ -42,13 +42,12 @@ def forward_gradient(hidden, weight, bias, rows, opts, *, engine, compute_dtype,
     need_grad = head.any
     N = rows.n_rows
     c = rows_per_chunk(N, engine.bytes_per_row(V, D, compute_dtype), memory_budget)
-    n_buf = getattr(engine, "BUFFERS", 1)
-    buf = torch.empty(n_buf, c, V, dtype=torch.float32, device=hidden.device)
+    bufs = [torch.empty(c, V, dtype=torch.float32, device=hidden.device)
+            for _ in range(getattr(engine, "BUFFERS", 1))]
     out = torch.zeros(6, rows.targets.numel(), dtype=torch.float32, device=hidden.device)
     for r0 in range(0, N, c):
         r1 = min(N, r0 + c)
-        x = buf[0, : r1 - r0]
-        e = buf[n_buf - 1, : r1 - r0]
+        x, e = bufs[0][: r1 - r0], bufs[-1][: r1 - r0]
         h_c = src.get(r0, r1, compute_dtype)
         engine.logits(h_c, w_cd, x)
         dz = engine.loss_chunk(x, e, rows, r0, r1, opts, bias32, v_off, process_group, out, need_grad,

@@ -48,12 +48,12 @@ def partials(hidden, weight, bias, targets, inv_t, memory_budget) -> torch.Tenso
     N, D = hidden.shape
     V = weight.shape[0]
     c = rows_per_chunk(N, bytes_per_row(V, D, hidden.dtype), memory_budget)
-    buf = torch.empty(2, c, V, dtype=torch.float32, device=hidden.device)
+    bufs = [torch.empty(c, V, dtype=torch.float32, device=hidden.device) for _ in range(BUFFERS)]
     b32 = None if bias is None else bias.float()
     out = torch.empty(4, 1, N, dtype=torch.float32, device=hidden.device)
     for r0 in range(0, N, c):
         r1 = min(N, r0 + c)
-        x, e = buf[0, : r1 - r0], buf[1, : r1 - r0]
+        x, e = bufs[0][: r1 - r0], bufs[1][: r1 - r0]
         logits(hidden[r0:r1], weight, x)
         prepare_(x, b32, inv_t[r0:r1] if isinstance(inv_t, torch.Tensor) else inv_t)
         out[:, :, r0:r1] = stats_(x, e, targets[r0:r1])
@@ -66,12 +66,12 @@ def grads(hidden, weight, bias, targets, inv_t, lse, mu, g_lp, g_h, *, need_h, n
     N, D = hidden.shape
     V = weight.shape[0]
     c = rows_per_chunk(N, bytes_per_row(V, D, hidden.dtype), memory_budget)
-    buf = torch.empty(2, c, V, dtype=torch.float32, device=hidden.device)
+    bufs = [torch.empty(c, V, dtype=torch.float32, device=hidden.device) for _ in range(BUFFERS)]
     b32 = None if bias is None else bias.float()
     head = HeadGrads(HiddenRows(hidden, None), weight, bias, weight, need_h=need_h, need_w=need_w, need_b=need_b)
     for r0 in range(0, N, c):
         r1 = min(N, r0 + c)
-        x, e = buf[0, : r1 - r0], buf[1, : r1 - r0]
+        x, e = bufs[0][: r1 - r0], bufs[1][: r1 - r0]
         it = inv_t[r0:r1] if isinstance(inv_t, torch.Tensor) else inv_t
         logits(hidden[r0:r1], weight, x)
         prepare_(x, b32, it)
