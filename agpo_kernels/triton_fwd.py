@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tile import logit_tile
+from .triton_tile import logit_tile, online_softmax_step
 from .triton_config import NEG_BIG, upcast_dot, dot_precision, fwd_config
 
 
@@ -76,15 +76,7 @@ def _fwd_stats_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc * it[:, None], NEG_BIG)
-        # col_ok: a target of another vocabulary shard can equal a column past this one's end
-        zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_ok[None, :], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zc = z - m_new[:, None]
-        e = tl.exp(zc)
-        a = alpha * (a + (m - m_new) * s) + tl.sum(e * zc, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, a, zy = online_softmax_step(m, s, a, zy, z, cols, col_ok, y)
 
     out = part_ptr + split * N + rows
     plane = n_split * N

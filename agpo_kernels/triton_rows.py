@@ -28,7 +28,7 @@ import triton.language as tl
 from .partials import gather_partials, merge_partials
 from .triton_config import NEG_BIG, round_bf16_stores, rows_config
 from .triton_epilogue import agpo_epilogue
-from .triton_tile import round_bf16
+from .triton_tile import online_softmax_step, round_bf16
 
 
 @triton.jit
@@ -48,15 +48,7 @@ def _row_stats(x_rows, b_ptr, V, y, it, row_ok, HAS_BIAS: tl.constexpr, BLOCK_R:
         if HAS_BIAS:
             x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], x * it[:, None], NEG_BIG)
-        # col_ok: a target of another vocabulary shard can equal a column past this one's end
-        zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_ok[None, :], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zc = z - m_new[:, None]
-        e = tl.where(col_ok[None, :], tl.exp(zc), 0.0)
-        a = alpha * (a + (m - m_new) * s) + tl.sum(e * zc, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, a, zy = online_softmax_step(m, s, a, zy, z, cols, col_ok, y)
     return m, s, a, zy
 
 
