@@ -41,15 +41,17 @@ def _probe(device: torch.device) -> None:
     from .agpo_loss import agpo_loss
     from .linear_logprobs import linear_logprobs
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    h = torch.randn(1, 3, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
-    w = torch.randn(67, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
-    y = torch.randint(0, 67, (1, 3), generator=g).to(device)
-    lp, ent = linear_logprobs(h, w, y, impl="triton")
-    (lp.sum() + ent.sum()).backward()
-    loss, _ = agpo_loss(h, w, y, torch.ones(1, device=device), None, impl="triton")
-    loss.backward()
-    torch.cuda.synchronize(device)
+    # Whatever the caller's mode (no_grad, inference_mode, autocast), the probe needs grads.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        h = torch.randn(1, 3, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
+        w = torch.randn(67, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
+        y = torch.randint(0, 67, (1, 3), generator=g).to(device)
+        lp, ent = linear_logprobs(h, w, y, impl="triton")
+        (lp.sum() + ent.sum()).backward()
+        loss, _ = agpo_loss(h, w, y, torch.ones(1, device=device), None, impl="triton")
+        loss.backward()
+        torch.cuda.synchronize(device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -62,7 +62,7 @@ def matmul_rate(shape) -> float:
     return flops(shape, "fwd") / (ms / 1e3)
 
 
-def run_variant(shape, impl, kw, triton_gemm, reps):
+def run_variant(x, impl, kw, triton_gemm, reps):
     from agpo_kernels import triton_impl
     from agpo_kernels.triton_bwd import logits_triton
 
@@ -70,7 +70,6 @@ def run_variant(shape, impl, kw, triton_gemm, reps):
     if triton_gemm:
         triton_impl.logits = lambda h, w, out: logits_triton(h.contiguous(), w, out)
     try:
-        x = make_inputs(shape, torch.bfloat16, "cuda")
         f = loss_fn(impl, **kw)
 
         def step():
@@ -93,7 +92,7 @@ def run_variant(shape, impl, kw, triton_gemm, reps):
         return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
     finally:
         triton_impl.logits = saved
-        x = f = None
+        x["h"].grad = x["W"].grad = None
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -102,9 +101,13 @@ def compare(shape, reps: int, eager_ref: dict | None) -> dict:
     rate = matmul_rate(shape)
     floor_ms = 3 * flops(shape, "fwd") / rate * 1e3  # 6NDV at the measured matmul rate
     rows = {}
+    x = make_inputs(shape, torch.bfloat16, "cuda")  # once per shape, shared by the variants
     for label, impl, kw, tg in VARIANTS:
-        rows[label] = run_variant(shape, impl, kw, tg, reps)
+        rows[label] = run_variant(x, impl, kw, tg, reps)
         print(f"  {shape.name} {label}: {rows[label]}", flush=True)
+    del x
+    gc.collect()
+    torch.cuda.empty_cache()
     eager = rows["eager"]
     if "error" in eager and eager_ref and "error" not in eager_ref["eager"]:  # extrapolate in N
         scale = shape.N / eager_ref["N"]

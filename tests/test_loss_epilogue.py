@@ -15,6 +15,7 @@ from agpo_kernels import torch_tiled, triton_impl
 from agpo_kernels._inputs import loss_rows
 from agpo_kernels.epilogue import LossOptions
 from agpo_kernels.surrogate import agpo_objective
+from conftest import DEVICE
 
 ENGINES = {"torch": torch_tiled, "triton": triton_impl}
 CASES = [
@@ -56,7 +57,9 @@ def make_case(c, seed=0, B=4, T=9, V=77):
         for t in (old, ref, isw):
             t[~mask] = float("nan")
     eps = torch.rand(B, generator=g) * 0.2 + 0.1
-    rows = loss_rows(torch.zeros(B, T, 1), V, y, adv, None if c.get("on_policy") else old, mask=mask,
+    mask, logits, bias, y, adv, temp, old, ref, isw, eps = (
+        t.to(DEVICE) for t in (mask, logits, bias, y, adv, temp, old, ref, isw, eps))
+    rows = loss_rows(torch.zeros(B, T, 1, device=DEVICE), V, y, adv, None if c.get("on_policy") else old, mask=mask,
                      cu_seqlens=None, eps_low=eps, eps_high=eps * 1.4, temperature=temp,
                      ref_logp=ref if (c.get("beta") or c.get("ref")) else None,
                      is_weight=isw if c.get("isw") else None, beta=c.get("beta", 0.0),
@@ -64,7 +67,7 @@ def make_case(c, seed=0, B=4, T=9, V=77):
                      dual_clip=c.get("dual"), max_len=None, validate=c.get("validate", True))
     opts = LossOptions(beta=c.get("beta", 0.0), kl_estimator=c.get("kl", "k3"), entropy_coef=c.get("ent", 0.0),
                        dual_clip=c.get("dual"), kl_ratio_weight=c.get("kl_ratio", False))
-    pos = rows.index if rows.index is not None else torch.arange(B * T)
+    pos = rows.index if rows.index is not None else torch.arange(B * T, device=DEVICE)
     return rows, opts, logits[pos].contiguous(), bias
 
 
@@ -88,7 +91,7 @@ def reference(rows, opts, x, bias):
 def test_row_pass_matches_autograd_through_the_reference_objective(impl, case):
     rows, opts, x, bias = make_case(case)
     N, M = x.shape[0], rows.targets.numel()
-    out = torch.zeros(6, M)
+    out = torch.zeros(6, M, device=DEVICE)
     dz = torch.empty_like(x)
     split = N // 2 + 1  # one chunk in two launches: the second starts at a row offset
     for r0, r1 in ((0, split), (split, N)):
@@ -97,8 +100,8 @@ def test_row_pass_matches_autograd_through_the_reference_objective(impl, case):
                                      torch.float32)
         dz[r0:r1] = d
     loss, logp, ent, metrics, o_dz = reference(rows, opts, x, bias)
-    pos = rows.index if rows.index is not None else torch.arange(M)
-    kept = rows.keep[pos] != 0 if rows.keep is not None else torch.ones(N, dtype=torch.bool)
+    pos = rows.index if rows.index is not None else torch.arange(M, device=DEVICE)
+    kept = rows.keep[pos] != 0 if rows.keep is not None else torch.ones(N, dtype=torch.bool, device=DEVICE)
     n = rows.n_tokens.clamp(min=1)
     assert torch.isfinite(out).all() and torch.isfinite(dz).all()
     assert out[0].sum().item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)

@@ -156,7 +156,6 @@ class AGPOGRPOTrainer(GRPOTrainer):
             return self._compute_loss(model, inputs)
         return self.agpo_compute_loss(model, inputs)
 
-
     def _run_head(self, model, inputs, fn):
         """``fn(hidden [B, C, D], weight, bias)`` inside the model's forward, under autocast:
         the completion-position hidden states and the whole LM head. No dtype is forced:
