@@ -212,8 +212,8 @@ def test_head_runs_inside_the_model_forward_in_the_autocast_dtype(model_dir, tmp
         return real(hidden, weight, *a, **k)
 
     monkeypatch.setattr(trl_module, "agpo_loss", spy)
+    ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)  # enters autocast itself
     with trainer.accelerator.autocast():
-        ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)
         theirs, _ = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
     assert seen == [(True, True, torch.bfloat16)]
     assert trainer.model.lm_head.weight.dtype == torch.float32 and g_ours["lm_head.weight"].dtype == torch.float32
