@@ -10,13 +10,15 @@
 
 Implementations (``impl=``): "reference" (naive eager, the test oracle), "torch" (tiled,
 bounded memory, any device), "triton" (GPU kernels; CPU via ``TRITON_INTERPRET=1``) and
-"auto" (triton on CUDA, else torch). SPEC section 2 has the math.
+"auto" (triton on a CUDA device where it works, else torch). ``agpo_loss`` forms its
+gradients during the forward call (``backward="forward"``, 6NDV) or recomputes logits in
+the backward (``backward="recompute"``, 8NDV). SPEC section 2 has the math,
+docs/kernels.md the designs.
 """
 
 from .agpo_loss import AGPOLoss, agpo_loss
 from .linear_logprobs import linear_logprobs
 from .reference import linear_stats_reference
-from .torch_tiled import linear_stats_torch
 
-__all__ = ["linear_logprobs", "agpo_loss", "AGPOLoss", "linear_stats_reference", "linear_stats_torch"]
+__all__ = ["linear_logprobs", "agpo_loss", "AGPOLoss", "linear_stats_reference"]
 __version__ = "0.1.0"

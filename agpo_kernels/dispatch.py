@@ -1,59 +1,100 @@
-"""Chooses the implementation of the fused projection behind the public API.
+"""Chooses the implementation behind the public API.
 
-Every implementation has the signature
-``stats(hidden [N, D], weight [V, D], bias [V] | None, targets [N], temperature) ->
-(logp [N] fp32, entropy [N] fp32)``, differentiable with respect to hidden, weight and
-bias. "auto" takes Triton on CUDA tensors when Triton imports, else the tiled torch path.
+"reference": naive eager (the oracle); "torch": the tiled PyTorch engine (``torch_tiled``);
+"triton": the Triton engine (``triton_impl``); "auto": Triton on a CUDA device where it
+works, else torch. "Where it works" is probed once per device: Triton importable, a GPU
+of compute capability 8.0 or newer (bf16/tf32 tensor cores), and the kernels compiling and
+running on a tiny problem. A device that fails the probe falls back to torch with one
+warning saying why (an unsupported GPU, a Triton too old or broken).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
-from ._inputs import fail
-from .reference import linear_stats_reference
-from .torch_tiled import linear_stats_torch
+from ._checks import fail
 
 IMPLS = ("auto", "reference", "torch", "triton")
 
 
 @functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
+def triton_import_error() -> str | None:
     try:
         from . import triton_impl  # noqa: F401
-    except Exception:  # triton missing or broken: fall back, never crash "auto"
-        return False
-    return True
+    except Exception as exc:  # triton missing or broken: fall back, never crash "auto"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available() -> bool:
+    return triton_import_error() is None
+
+
+def _probe(device: torch.device) -> None:
+    """Raises if the Triton kernels cannot run on ``device``."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (the kernels need bf16/tf32 tensor cores)")
+    from .agpo_loss import agpo_loss
+    from .linear_logprobs import linear_logprobs
+
+    # Whatever the caller's mode (no_grad, inference_mode, autocast), the probe needs grads.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        h = torch.randn(1, 3, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
+        w = torch.randn(67, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
+        y = torch.randint(0, 67, (1, 3), generator=g).to(device)
+        lp, ent = linear_logprobs(h, w, y, impl="triton")
+        (lp.sum() + ent.sum()).backward()
+        loss, _ = agpo_loss(h, w, y, torch.ones(1, device=device), None, impl="triton")
+        loss.backward()
+        torch.cuda.synchronize(device)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_problem(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None: they can). Probed once per device."""
+    if triton_import_error() is not None:
+        return f"triton could not be imported ({triton_import_error()})"
+    try:
+        _probe(device)
+    except Exception as exc:  # any failure to compile or run means: use the torch path
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         fail("impl", f"unknown {impl!r}; choose one of {', '.join(IMPLS)}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    return impl
+    if impl != "auto":
+        return impl
+    if device.type != "cuda":
+        return "torch"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    why = triton_problem(device)
+    if why is None:
+        return "triton"
+    _warn_once(device, why)
+    return "torch"
 
 
-def linear_stats(hidden, weight, bias, targets, temperature, *, impl: str = "auto",
-                 memory_budget: int | None = None):
-    """Runs the chosen implementation on flat inputs (see the module docstring)."""
-    impl = resolve_impl(impl, hidden.device)
-    if hidden.shape[0] == 0:  # nothing to project; keep the graph connected for zero grads
-        anchor = hidden.float().sum() * 0 + weight.float().sum() * 0
-        if bias is not None:
-            anchor = anchor + bias.float().sum() * 0
-        empty = anchor + torch.zeros(0, device=hidden.device)
-        return empty, empty
-    if impl == "reference":
-        return linear_stats_reference(hidden, weight, bias, targets, temperature)
+@functools.lru_cache(maxsize=None)
+def _warn_once(device: torch.device, why: str) -> None:
+    warnings.warn(f"agpo_kernels: Triton kernels unavailable on {device} ({why}); impl='auto' uses the "
+                  "tiled torch path there", RuntimeWarning, stacklevel=4)
+
+
+def engine(impl: str):
+    """The module implementing ``impl`` ("torch" or "triton")."""
     if impl == "torch":
-        kw = {} if memory_budget is None else {"memory_budget": memory_budget}
-        return linear_stats_torch(hidden, weight, bias, targets, temperature, **kw)
-    if not triton_available():
-        fail("impl", "'triton' requested but triton could not be imported; install triton or use impl='torch'")
-    from .triton_impl import linear_stats_triton
-
-    kw = {} if memory_budget is None else {"memory_budget": memory_budget}
-    return linear_stats_triton(hidden, weight, bias, targets, temperature, **kw)
+        from . import torch_tiled
+        return torch_tiled
+    if triton_import_error() is not None:
+        fail("impl", f"'triton' requested but triton could not be imported ({triton_import_error()}); "
+                     "install triton or use impl='torch'")
+    from . import triton_impl
+    return triton_impl

@@ -1,18 +1,18 @@
-"""The per-token AGPO objective on top of log-probs and entropies (SPEC section 2).
+"""The per-token AGPO objective on top of log-probs and entropies (SPEC section 2), by autograd.
 
-Every implementation produces per-token ``logp`` and entropy ``H`` with a differentiable
-fused projection; the clipped surrogate, the KL estimator, the entropy bonus and the
-aggregation are O(N) elementwise work written here once. Autograd through this function
-yields exactly the two per-token gradient scalars of the SPEC (``g_lp = dloss/dlogp``,
-``g_H = dloss/dH``) that the fused backward passes consume, so the heavy
-``[N x V]`` work never depends on which options are set.
+The O(N) reference formulation: plain differentiable torch on ``[N]`` vectors. It is what
+``impl="reference"`` and the recompute design (``backward="recompute"``) run, and the
+oracle that the closed-form epilogues (``epilogue.py``, ``triton_epilogue.py``) of the
+forward-gradient design are tested against: autograd through this function yields the two
+per-token gradient scalars ``g_lp = dloss/dlogp`` and ``g_H = dloss/dH``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._inputs import KL_ESTIMATORS, fail
+from ._checks import fail
+from ._inputs import KL_ESTIMATORS
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -30,10 +30,11 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
 def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip=None):
     """PPO/GRPO surrogate ``min(r A, clip(r, 1-eps_low, 1+eps_high) A)`` (+ dual clip).
 
-    Returns ``(surr, ratio, clipped)``; ``clipped`` marks tokens whose gradient is cut by
-    the trust region (or the dual clip).
+    ``old_logp`` None: on-policy, the ratio is ``exp(logp - logp.detach())`` (1, with the
+    gradient of ``logp``). Returns ``(surr, ratio, clipped)``; ``clipped`` marks tokens
+    whose gradient is cut by the trust region (or the dual clip).
     """
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))
     # The clamped branch is the minimum exactly when the ratio leaves the trust region on
     # the side the advantage pushes towards; there its gradient is zero.
     clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
@@ -46,39 +47,48 @@ def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high, dual_clip=None):
     return surr, ratio, clipped
 
 
-def agpo_objective(logp, entropy, flat, *, beta, kl_estimator, entropy_coef, dual_clip,
-                   kl_ratio_weight=False):
-    """Loss ``sum_t w_t * l_tok_t`` and detached scalar metrics from per-token logp/H.
+def agpo_objective(logp, entropy, rows: dict, opts, n_tokens):
+    """Loss ``sum_t w_t * l_tok_t`` and detached scalar metrics from per-row logp/H.
 
-    ``kl_ratio_weight`` multiplies the per-token KL by the importance ratio (the
-    off-policy correction of DeepSeek-V3.2, TRL's ``use_bias_correction_kl``).
-
-    ``flat`` is the per-token view built by ``_inputs.flatten_loss_inputs``; options are
-    checked there, before any projection work.
+    ``rows``: per-row ``old``, ``ref``, ``isw``, ``keep``, ``adv``, ``eps_low``,
+    ``eps_high``, ``weight`` (see ``LossRows.per_row``); ``opts``: ``epilogue.LossOptions``;
+    ``n_tokens``: the number of tokens that count (metric denominators).
+    ``l_tok = -isw * surr + beta * kl - entropy_coef * H``; ``kl_ratio_weight``
+    multiplies the per-token KL by the importance ratio (DeepSeek-V3.2's off-policy
+    correction, TRL's ``use_bias_correction_kl``).
     """
-    surr, ratio, clipped = clipped_surrogate(logp, flat.old_logp, flat.adv, flat.eps_low,
-                                             flat.eps_high, dual_clip)
-    if flat.is_weight is not None:  # truncated importance sampling: scales the surrogate only
-        surr = surr * flat.is_weight
+    keep = rows["keep"]
+    old, ref, isw = rows["old"], rows["ref"], rows["isw"]
+    if keep is not None:  # masked rows (validate=False) were projected but must not count,
+        kept = keep != 0  # nor leak NaN/inf from whatever they hold into the gradients
+        logp, entropy = (torch.where(kept, t, torch.zeros_like(t)) for t in (logp, entropy))
+        old, ref, isw = (None if t is None else torch.where(kept, t, torch.zeros_like(t)) for t in (old, ref, isw))
+    surr, ratio, clipped = clipped_surrogate(logp, old, rows["adv"], rows["eps_low"], rows["eps_high"],
+                                             opts.dual_clip)
+    if isw is not None:
+        surr = isw * surr
     l_tok = -surr
     kl = None
-    if flat.ref_logp is not None:
-        kl = kl_penalty(logp, flat.ref_logp, kl_estimator)
-        if kl_ratio_weight:
+    if ref is not None:
+        kl = kl_penalty(logp, ref, opts.kl_estimator)
+        if opts.kl_ratio_weight:
             kl = kl * ratio
-        if beta:
-            l_tok = l_tok + beta * kl
-    if entropy_coef:
-        l_tok = l_tok - entropy_coef * entropy
-    loss = (flat.weight * l_tok).sum()
+        if opts.beta:
+            l_tok = l_tok + opts.beta * kl
+    if opts.entropy_coef:
+        l_tok = l_tok - opts.entropy_coef * entropy
+    w = rows["weight"] if keep is None else rows["weight"] * keep
+    loss = (w * l_tok).sum()
 
-    n = max(logp.numel(), 1)
+    n = n_tokens.clamp(min=1.0)
     with torch.no_grad():
-        zero = logp.new_zeros(())
+        def total(x):
+            x = x.float()
+            return (torch.where(keep != 0, x, torch.zeros_like(x)) if keep is not None else x).sum()
         metrics = {
-            "clip_frac": clipped.float().sum() / n,
-            "ratio_mean": ratio.sum() / n if logp.numel() else zero,
-            "kl_mean": kl.sum() / n if kl is not None else zero,
-            "entropy_mean": entropy.sum() / n,
+            "clip_frac": total(clipped) / n,
+            "ratio_mean": total(ratio) / n,
+            "kl_mean": total(kl) / n if kl is not None else logp.new_zeros(()),
+            "entropy_mean": total(entropy) / n,
         }
     return loss, metrics

@@ -1,147 +1,109 @@
-"""Tiled pure-PyTorch fused LM head (impl="torch"): runs anywhere, CPU included.
+"""impl="torch": the tiled pure-PyTorch engine of both designs (runs anywhere, CPU included).
 
-Same math as the Triton kernels (SPEC section 2), organised for bounded memory:
+Same math as the Triton kernels (SPEC section 2), organised for bounded memory: rows in
+chunks over the whole vocabulary, a chunk's fp32 logits ``[c, V]`` from one GEMM
+(``precision.logits``), then the row passes of ``torch_rows`` in place and, for gradients,
+the chunk GEMMs of ``chunks.HeadGrads``. Two fp32 ``[c, V]`` buffers at most, sized by
+``memory_budget``.
 
-* forward: rows in chunks, vocabulary in blocks; one streaming pass keeps, per row, the
-  running max ``m``, ``s = sum exp(z - m)``, ``a = sum exp(z - m) (z - m)`` and the target
-  logit. Then ``lse = m + log s``, ``mu = sum_j p_j z_j = m + a / s``,
-  ``H = log s - a / s`` (stable for |z| ~ 1e4: nothing large is subtracted) and
-  ``logp = z_y - lse``. Only ``lse`` and ``mu`` (two floats per row) are saved.
-* backward: vocabulary blocks outside, row chunks inside; each logit tile is recomputed
-  and turned into ``dz = g_lp (1[j=y] - p) - g_H p (z - mu)``, scaled by ``1/T``, and
-  accumulated into ``dh`` (fp32, ``[N, D]``) and the block's ``dW`` (fp32, written once
-  in the weight dtype): deterministic, and no fp32 ``[V, D]`` scratch.
-
-All tile arithmetic is fp32 whatever the input dtype. The tile size comes from
-``memory_budget`` (bytes), so peak extra memory is bounded by the tile, not by N x V.
+* ``partials`` / ``grads``: forward statistics and recomputed backward of the recompute
+  design (``recompute.py``).
+* ``loss_chunk``: one chunk of the forward-gradient design (``fused_loss.py``): statistics,
+  the closed-form AGPO epilogue (``epilogue.py``) and ``dL/dlogits``.
 """
 
 from __future__ import annotations
 
 import torch
 
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
-_TILE_TEMPS = 4  # fp32 [rows, block_v] temporaries alive at once (z, exp, products)
+from .chunks import HeadGrads, HiddenRows, rows_per_chunk
+from .epilogue import agpo_epilogue
+from .partials import gather_partials, merge_partials
+from .precision import mm_f32
+from .torch_rows import grad_, prepare_, stats_
+
+BUFFERS = 2  # fp32 [c, V] buffers alive at once
 
 
-def pick_tiles(n_rows: int, vocab: int, dim: int, memory_budget: int) -> tuple[int, int]:
-    """Returns ``(rows_per_chunk, vocab_block)`` whose working set fits ``memory_budget``."""
-    block_v = min(vocab, 8192)
-    while block_v > 256 and block_v * dim * 8 > memory_budget // 2:  # W block + its dW, fp32
-        block_v //= 2
-    left = max(memory_budget - block_v * dim * 8, 0)
-    rows = left // (block_v * 4 * _TILE_TEMPS + dim * 8)
-    return int(max(1, min(n_rows, rows))), int(block_v)
+def bytes_per_row(vocab: int, dim: int, dtype: torch.dtype) -> int:
+    """Scratch per chunk row: the fp32 buffers, plus the row's hidden and dh in ``dtype``."""
+    return BUFFERS * 4 * vocab + 2 * dim * torch.empty((), dtype=dtype).element_size()
 
 
-def _scale(z: torch.Tensor, inv_t) -> torch.Tensor:
-    return z.mul_(inv_t.unsqueeze(1)) if isinstance(inv_t, torch.Tensor) else z.mul_(inv_t)
+def logits(h_c: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return mm_f32(h_c, weight.t(), out)
 
 
-def _logit_tile(h32, w32, b32, inv_t):
-    z = h32 @ w32.t()
-    if b32 is not None:
-        z += b32
-    return _scale(z, inv_t)
+def _as_dtype(x: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (fp32) in ``dtype``, written into ``e``'s storage when a cast is needed."""
+    if dtype == torch.float32:
+        return x
+    out = e.view(dtype)[:, : x.shape[1]]
+    out.copy_(x)
+    return out
 
 
-class _TiledLinearStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, memory_budget):
-        N, D = hidden.shape
-        V = weight.shape[0]
-        rows, block_v = pick_tiles(N, V, D, memory_budget)
-        inv_t = 1.0 / temperature
-        dev = hidden.device
-        lse = torch.empty(N, dtype=torch.float32, device=dev)
-        mu = torch.empty_like(lse)
-        logp = torch.empty_like(lse)
-        ent = torch.empty_like(lse)
-        for r0 in range(0, N, rows):
-            r1 = min(N, r0 + rows)
-            h32 = hidden[r0:r1].float()
-            y = targets[r0:r1]
-            it = inv_t[r0:r1] if isinstance(inv_t, torch.Tensor) else inv_t
-            m = torch.full((r1 - r0,), float("-inf"), device=dev)
-            s = torch.zeros(r1 - r0, device=dev)
-            a = torch.zeros_like(s)
-            zy = torch.zeros_like(s)
-            for v0 in range(0, V, block_v):
-                v1 = min(V, v0 + block_v)
-                z = _logit_tile(h32, weight[v0:v1].float(),
-                                None if bias is None else bias[v0:v1].float(), it)
-                hit = (y >= v0) & (y < v1)
-                zy = torch.where(hit, z.gather(1, (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1), zy)
-                m_new = torch.maximum(m, z.max(dim=1).values)
-                alpha = torch.exp(m - m_new)
-                shift = torch.where(s > 0, m - m_new, torch.zeros_like(m))
-                z -= m_new.unsqueeze(1)
-                e = torch.exp(z)
-                a = alpha * (a + shift * s) + (e * z).sum(1)
-                s = alpha * s + e.sum(1)
-                m = m_new
-            log_s = torch.log(s)
-            lse[r0:r1] = m + log_s
-            mu[r0:r1] = m + a / s
-            ent[r0:r1] = log_s - a / s
-            logp[r0:r1] = zy - lse[r0:r1]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, mu,
-                              temperature if isinstance(temperature, torch.Tensor) else None)
-        ctx.temperature = temperature
-        ctx.memory_budget = memory_budget
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, mu, t_tensor = ctx.saved_tensors
-        temperature = t_tensor if t_tensor is not None else ctx.temperature
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N, D = hidden.shape
-        V = weight.shape[0]
-        rows, block_v = pick_tiles(N, V, D, ctx.memory_budget)
-        inv_t = 1.0 / temperature
-        g_lp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
-        g_h = torch.zeros_like(lse) if g_ent is None else g_ent.float()
-        dh = torch.zeros(N, D, dtype=torch.float32, device=hidden.device) if need_h else None
-        dw = torch.empty_like(weight) if need_w else None
-        db = torch.empty_like(bias) if need_b else None
-        for v0 in range(0, V, block_v):
-            v1 = min(V, v0 + block_v)
-            w32 = weight[v0:v1].float()
-            b32 = None if bias is None else bias[v0:v1].float()
-            dw_blk = torch.zeros_like(w32) if need_w else None
-            db_blk = torch.zeros(v1 - v0, device=hidden.device) if need_b else None
-            for r0 in range(0, N, rows):
-                r1 = min(N, r0 + rows)
-                h32 = hidden[r0:r1].float()
-                it = inv_t[r0:r1] if isinstance(inv_t, torch.Tensor) else inv_t
-                z = _logit_tile(h32, w32, b32, it)
-                p = torch.exp(z - lse[r0:r1].unsqueeze(1))
-                z -= mu[r0:r1].unsqueeze(1)
-                dz = z.mul_(g_h[r0:r1].unsqueeze(1)).add_(g_lp[r0:r1].unsqueeze(1)).mul_(p).neg_()
-                y = targets[r0:r1]
-                hit = ((y >= v0) & (y < v1)).nonzero().squeeze(1)
-                dz[hit, y[hit] - v0] += g_lp[r0:r1][hit]
-                dz = _scale(dz, it)
-                if need_h:
-                    dh[r0:r1] += dz @ w32
-                if need_w:
-                    dw_blk += dz.t() @ h32
-                if need_b:
-                    db_blk += dz.sum(0)
-            if need_w:
-                dw[v0:v1] = dw_blk
-            if need_b:
-                db[v0:v1] = db_blk
-        return (dh.to(hidden.dtype) if need_h else None, dw, db, None, None, None)
+def partials(hidden, weight, bias, targets, inv_t, memory_budget) -> torch.Tensor:
+    """``[4, 1, N]`` statistics (m, s, a, zy) of this vocabulary shard; ``targets`` local ids."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    c = rows_per_chunk(N, bytes_per_row(V, D, hidden.dtype), memory_budget)
+    bufs = [torch.empty(c, V, dtype=torch.float32, device=hidden.device) for _ in range(BUFFERS)]
+    b32 = None if bias is None else bias.float()
+    out = torch.empty(4, 1, N, dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, N, c):
+        r1 = min(N, r0 + c)
+        x, e = bufs[0][: r1 - r0], bufs[1][: r1 - r0]
+        logits(hidden[r0:r1], weight, x)
+        prepare_(x, b32, inv_t[r0:r1] if isinstance(inv_t, torch.Tensor) else inv_t)
+        out[:, :, r0:r1] = stats_(x, e, targets[r0:r1])
+    return out
 
 
-def linear_stats_torch(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       targets: torch.Tensor, temperature,
-                       memory_budget: int = DEFAULT_MEMORY_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row fp32 ``(logp, entropy)`` of ``softmax((hidden @ weight.T + bias) / T)``.
+def grads(hidden, weight, bias, targets, inv_t, lse, mu, g_lp, g_h, *, need_h, need_w, need_b,
+          memory_budget, process_group=None):
+    """``(dh, dW, db)`` of the recompute design, logits recomputed chunk by chunk."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    c = rows_per_chunk(N, bytes_per_row(V, D, hidden.dtype), memory_budget)
+    bufs = [torch.empty(c, V, dtype=torch.float32, device=hidden.device) for _ in range(BUFFERS)]
+    b32 = None if bias is None else bias.float()
+    head = HeadGrads(HiddenRows(hidden, None), weight, bias, weight, need_h=need_h, need_w=need_w, need_b=need_b)
+    for r0 in range(0, N, c):
+        r1 = min(N, r0 + c)
+        x, e = bufs[0][: r1 - r0], bufs[1][: r1 - r0]
+        it = inv_t[r0:r1] if isinstance(inv_t, torch.Tensor) else inv_t
+        logits(hidden[r0:r1], weight, x)
+        prepare_(x, b32, it)
+        grad_(x, e, None, lse[r0:r1], mu[r0:r1], g_lp[r0:r1], g_h[r0:r1], targets[r0:r1], it)
+        head.add_chunk(_as_dtype(x, e, hidden.dtype), hidden[r0:r1], r0, r1)
+    return head.finish(process_group)
 
-    ``hidden [N, D]``, ``targets [N]`` int64, ``temperature`` a float or fp32 ``[N]``.
-    Differentiable with respect to hidden, weight and bias.
-    """
-    return _TiledLinearStats.apply(hidden, weight, bias, targets, temperature, int(memory_budget))
+
+def loss_chunk(x, e, rows, r0, r1, opts, bias32, v_off, process_group, out, need_grad, dtype):
+    """Forward-gradient design, rows ``[r0, r1)`` with logits in ``x``: writes the
+    per-position outputs into ``out [6, M]``; returns ``dz`` in ``dtype`` (or None)."""
+    pos = rows.row_positions(r0, r1)
+    seq = rows.seq[pos]
+    it = rows.inv_t[seq] if isinstance(rows.inv_t, torch.Tensor) else rows.inv_t
+    y_local = rows.targets[pos] - v_off
+    prepare_(x, bias32, it)
+    part = stats_(x, e, y_local)
+    m_local = part[0, 0].clone()
+    lse, ent, zy = merge_partials(gather_partials(part, process_group))
+    logp = zy - lse
+    take = (lambda t: None if t is None else t[pos])
+    keep = take(rows.keep)
+    loss, g_lp, g_h, clipped, ratio, kl = agpo_epilogue(
+        logp, ent, old=take(rows.old), ref=take(rows.ref), isw=take(rows.isw), adv=rows.adv[seq],
+        eps_low=rows.eps_low[seq], eps_high=rows.eps_high[seq], weight=rows.wseq[seq], keep=keep, opts=opts)
+    if keep is not None:
+        kept = keep != 0
+        logp, ent = torch.where(kept, logp, 0.0), torch.where(kept, ent, 0.0)
+    out[:, pos] = torch.stack([loss, logp, ent, clipped, ratio, kl])
+    if not need_grad:
+        return None
+    grad_(x, e, m_local, lse, lse - ent, g_lp, g_h, y_local, it)
+    if keep is not None:
+        x.masked_fill_((keep == 0).unsqueeze(1), 0.0)
+    return _as_dtype(x, e, dtype)

@@ -8,9 +8,10 @@ running per-row statistics (SPEC section 2, stable form):
     m  = running max of z            s = sum exp(z - m)
     a  = sum exp(z - m) (z - m)      zy = z at the target column
 
-The split partials ``[4, SPLIT, N]`` are merged by ``combine_partials`` (O(N * SPLIT)),
-which yields ``lse``, ``mu = sum p z``, ``logp = zy - lse`` and ``H = log s - a / s``.
-Only O(N) values are ever written: no logits, no probabilities.
+The split partials ``[4, SPLIT, N]`` are merged by ``partials.merge_partials``
+(O(N * SPLIT), after an all-gather over the ranks of a vocabulary-parallel head), which
+yields ``lse``, ``H = log s - a / s`` and ``logp = zy - lse``. Only O(N) values are ever
+written: no logits, no probabilities.
 
 Programs are numbered split-fastest, so the programs resident at one time share few row
 blocks (their ``h`` rows stay in L2) and each ``W`` tile is read from HBM once per wave.
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_tile import logit_tile
+from .triton_tile import logit_tile, online_softmax_step
 from .triton_config import NEG_BIG, upcast_dot, dot_precision, fwd_config
 
 
@@ -75,14 +76,7 @@ def _fwd_stats_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc * it[:, None], NEG_BIG)
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zc = z - m_new[:, None]
-        e = tl.exp(zc)
-        a = alpha * (a + (m - m_new) * s) + tl.sum(e * zc, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, a, zy = online_softmax_step(m, s, a, zy, z, cols, col_ok, y)
 
     out = part_ptr + split * N + rows
     plane = n_split * N
@@ -92,25 +86,12 @@ def _fwd_stats_kernel(
     tl.store(out + 3 * plane, zy, mask=row_ok)
 
 
-def combine_partials(part: torch.Tensor):
-    """Merges ``[4, SPLIT, N]`` split statistics into ``(logp, entropy, lse, mu)`` [N] fp32."""
-    m, s, a, zy = part.unbind(0)
-    top = m.max(dim=0).values
-    d = m - top
-    scale = torch.exp(d)
-    s_tot = (s * scale).sum(0)
-    a_tot = (scale * (a + d * s)).sum(0)
-    log_s = torch.log(s_tot)
-    lse = top + log_s
-    rel = a_tot / s_tot
-    return zy.sum(0) - lse, log_s - rel, lse, top + rel
+def fwd_partials(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor, inv_t, config: dict | None = None) -> torch.Tensor:
+    """Launches the forward kernel; returns the split partials ``[4, SPLIT, N]`` fp32.
 
-
-def fwd_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              targets: torch.Tensor, inv_t, config: dict | None = None):
-    """Launches the forward kernel; returns ``(logp, entropy, lse, mu)``, each [N] fp32.
-
-    ``inv_t`` is a float or an fp32 ``[N]`` tensor of inverse temperatures.
+    ``inv_t`` is a float or an fp32 ``[N]`` tensor of inverse temperatures; ``targets``
+    are ids of this vocabulary shard (others never match).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -132,7 +113,7 @@ def fwd_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         PRECISION=dot_precision(hidden.dtype), UPCAST=upcast_dot(hidden.dtype),
         BLOCK_N=bn, BLOCK_V=bv, NUM_STAGES=cfg.get("num_stages", 2), **cfg,
     )
-    return combine_partials(part)
+    return part
 
 
 def _sm_count(device: torch.device) -> int:

@@ -1,60 +1,71 @@
-"""impl="triton": autograd wiring of the Triton kernels (forward stats, backward grads).
+"""impl="triton": the Triton engine of both designs (same interface as ``torch_tiled``).
 
-The forward kernel writes O(N) statistics; the backward recomputes logit tiles (see
-``triton_fwd`` and ``triton_bwd``). CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1`` (how the test suite runs every kernel without a GPU).
+* recompute design: ``partials`` is the fused GEMM + online-softmax kernel
+  (``triton_fwd``, O(N) output, no logits buffer), ``grads`` the fused GEMM + dlogits
+  kernel per row chunk followed by the chunk GEMMs (``triton_bwd``).
+* forward-gradient design: ``logits`` is one cuBLAS GEMM with fp32 output
+  (``torch.mm(..., out_dtype=torch.float32)``; a Triton GEMM where that overload is
+  missing, and under the CPU interpreter), ``loss_chunk`` the row kernel of
+  ``triton_rows`` (statistics, AGPO epilogue, ``dL/dlogits`` in place, one launch).
+
+Kernels launch on the device of their tensors (``torch.cuda.device`` guard), not on the
+current CUDA device. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ._inputs import fail
-from .triton_bwd import bwd_grads
+from ._checks import fail
+from .precision import mm_out_f32
+from .triton_bwd import bwd_grads, logits_triton
 from .triton_config import interpreting
-from .triton_fwd import fwd_stats
-
-DEFAULT_MEMORY_BUDGET = 128 * 2**20  # bytes for the backward's [N, VS] slab buffer
-
-
-class _TritonLinearStats(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, memory_budget):
-        inv_t = 1.0 / temperature
-        logp, ent, lse, mu = fwd_stats(hidden, weight, bias, targets, inv_t)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, mu,
-                              inv_t if isinstance(inv_t, torch.Tensor) else None)
-        ctx.inv_t = inv_t
-        ctx.memory_budget = memory_budget
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, mu, inv_t_rows = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if not (need_h or need_w or need_b):
-            return None, None, None, None, None, None
-        zeros = torch.zeros_like(lse)
-        g_lp = zeros if g_logp is None else g_logp.float().contiguous()
-        g_h = zeros if g_ent is None else g_ent.float().contiguous()
-        dh, dw, db = bwd_grads(
-            hidden, weight, bias, targets, inv_t_rows if inv_t_rows is not None else ctx.inv_t,
-            lse, mu, g_lp, g_h, need_h=need_h, need_w=need_w, need_b=bool(need_b and bias is not None),
-            memory_budget=ctx.memory_budget)
-        return dh, dw, db, None, None, None
+from .triton_fwd import fwd_partials
+from .triton_rows import loss_rows_triton
 
 
-def linear_stats_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        targets: torch.Tensor, temperature,
-                        memory_budget: int = DEFAULT_MEMORY_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of ``linear_stats_torch`` (same signature and results)."""
-    if not hidden.is_cuda and not interpreting():
-        fail("impl", "'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing "
-                     "triton, for the CPU interpreter); use impl='torch' on CPU")
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    if isinstance(temperature, torch.Tensor):
-        temperature = temperature.to(torch.float32).contiguous()
-    return _TritonLinearStats.apply(hidden, weight, bias, targets.contiguous(), temperature,
-                                    int(memory_budget))
+def device_guard(device: torch.device):
+    """Launch on ``device``: Triton uses the current CUDA device and its stream."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    if not interpreting():
+        fail("impl", f"'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton, "
+                     f"for the CPU interpreter), got tensors on {device}; use impl='torch'")
+    return contextlib.nullcontext()
+
+
+def bytes_per_row(vocab: int, dim: int, dtype: torch.dtype) -> int:
+    """Forward-gradient scratch per chunk row: fp32 logits (dz overwrites them) + hidden + dh."""
+    return 4 * vocab + 2 * dim * torch.empty((), dtype=dtype).element_size()
+
+
+def logits(h_c: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if h_c.dtype == torch.float32 and h_c.is_cuda:
+        return torch.mm(h_c, weight.t(), out=out)
+    if not interpreting() and mm_out_f32(h_c, weight.t(), out):
+        return out
+    with device_guard(h_c.device):
+        return logits_triton(h_c.contiguous(), weight, out)
+
+
+def partials(hidden, weight, bias, targets, inv_t, memory_budget) -> torch.Tensor:
+    with device_guard(hidden.device):
+        return fwd_partials(hidden.contiguous(), weight.contiguous(),
+                            None if bias is None else bias.contiguous(), targets.contiguous(), inv_t)
+
+
+def grads(hidden, weight, bias, targets, inv_t, lse, mu, g_lp, g_h, *, need_h, need_w, need_b,
+          memory_budget, process_group=None):
+    with device_guard(hidden.device):
+        return bwd_grads(hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                         targets.contiguous(), inv_t, lse, mu, g_lp.contiguous(), g_h.contiguous(),
+                         need_h=need_h, need_w=need_w, need_b=need_b, memory_budget=memory_budget,
+                         process_group=process_group)
+
+
+def loss_chunk(x, e, rows, r0, r1, opts, bias32, v_off, process_group, out, need_grad, dtype):
+    with device_guard(x.device):
+        dz = loss_rows_triton(x, rows, r0, r1, opts, bias32, v_off, process_group, out, need_grad, dtype)
+    return dz if need_grad else None

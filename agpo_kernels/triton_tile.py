@@ -38,3 +38,29 @@ def logit_tile(
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     return acc
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 value (ties to even), still as fp32. Only for
+    the CPU interpreter, whose own fp32 -> bf16 conversion truncates (twice the rounding
+    error, and biased); compiled kernels round to nearest in the conversion itself."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def online_softmax_step(m, s, a, zy, z, cols, col_ok, y):
+    """Folds one tile of scaled logits ``z [R, C]`` (``-1e30`` where ``col_ok`` is false)
+    into the rows' running max ``m``, ``s = sum e^(z-m)``, ``a = sum e^(z-m)(z-m)`` and
+    target logit ``zy``; on a new max, ``a <- e^(m-m')(a + (m - m') s)``, ``s <- e^(m-m') s``."""
+    # col_ok: a target of another vocabulary shard can equal a column past this one's end
+    zy += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_ok[None, :], z, 0.0), axis=1)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    zc = z - m_new[:, None]
+    e = tl.exp(zc)  # exactly 0 on masked columns
+    a = alpha * (a + (m - m_new) * s) + tl.sum(e * zc, axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, a, zy

@@ -1,10 +1,16 @@
-"""Benchmark cases shared by the pytest-benchmark suite and the GPU suite.
+"""Benchmark cases shared by the pytest-benchmark suite, the peak-memory probe and the GPU
+comparison.
 
 A case is one LM-head shape (hidden size D, vocabulary V, N response tokens as B x T)
-and one implementation: our "triton" and "torch" paths, "eager" (the naive full-logits
-path every trainer starts with: logits, log_softmax, gather, clipped surrogate) and
-"liger" (Liger-Kernel's LigerFusedLinearGRPOLoss with the same options: scalar eps,
-k3 KL, token-mean aggregation).
+and one implementation:
+
+* ``torch`` / ``triton``: ``agpo_loss`` with the forward-gradient design (the default),
+  ``torch-recompute`` / ``triton-recompute``: the recompute design;
+* ``eager``: the naive full-logits path every trainer starts with (logits, log_softmax,
+  gather, clipped surrogate: ``impl="reference"``);
+* ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` with the same options (scalar eps,
+  k3 KL, token-mean); ``liger-ce``: Liger's fused linear cross-entropy, the cheapest fused
+  head loss there is (no KL, no ratio), as a floor for a chunked cuBLAS design.
 """
 
 from __future__ import annotations
@@ -31,23 +37,29 @@ class Shape:
 
 GPU_SHAPES = [
     Shape("qwen2.5-14b", 5120, 152064, 8, 1024),
+    Shape("qwen2.5-14b-n65536", 5120, 152064, 8, 8192),
     Shape("llama3-8b", 4096, 128256, 8, 1024),
-    Shape("qwen2.5-7b", 3584, 152064, 8, 1024),
     Shape("qwen2.5-0.5b", 896, 151936, 8, 1024),
 ]
 CPU_SHAPES = [
     Shape("cpu-small", 256, 32000, 4, 64),
     Shape("cpu-vocab152k", 256, 152064, 4, 128),
+    Shape("cpu-long16k", 256, 32000, 1, 16384),
 ]
-# Memory-only shape (bench/peak_rss.py): the fused-loss issue's measurement point.
-MEMORY_SHAPES = [Shape("cpu-d1024-n2048", 1024, 152064, 1, 2048)]
+# Memory-only shapes (bench/peak_rss.py): the fused-loss issue's measurement points.
+MEMORY_SHAPES = [Shape("cpu-d1024-n2048", 1024, 152064, 1, 2048),
+                 Shape("cpu-long65536", 256, 32000, 1, 65536),
+                 Shape("cpu-long262144", 256, 32000, 1, 262144)]
 BETA, EPS = 0.04, 0.2
+OURS = {"torch": ("torch", "forward"), "torch-recompute": ("torch", "recompute"),
+        "triton": ("triton", "forward"), "triton-recompute": ("triton", "recompute"),
+        "eager": ("reference", "forward")}
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     g = torch.Generator(device="cpu").manual_seed(seed)
     B, T, D, V = shape.B, shape.T, shape.D, shape.V
-    h = (torch.randn(B, T, D, generator=g) * 1.0).to(device, dtype).requires_grad_()
+    h = torch.randn(B, T, D, generator=g).to(device, dtype).requires_grad_()
     W = (torch.randn(V, D, generator=g) * D**-0.5).to(device, dtype).requires_grad_()
     y = torch.randint(0, V, (B, T), generator=g).to(device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
@@ -57,32 +69,48 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) ->
     return dict(h=h, W=W, y=y, mask=mask, adv=adv, old=old, ref=ref)
 
 
-def loss_fn(impl: str):
-    """Returns ``f(inputs) -> scalar loss`` for one implementation."""
-    if impl == "liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+def _liger_grpo():
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        mod = LigerFusedLinearGRPOLoss(beta=BETA, epsilon_low=EPS, epsilon_high=EPS, loss_type="dapo",
-                                       use_ref_model=True,
-                                       # torch.compile on CPU breaks on a shape change (torch 2.13)
-                                       compiled=torch.cuda.is_available())
+    # torch.compile on CPU breaks on a shape change (torch 2.13)
+    kw = dict(beta=BETA, epsilon_low=EPS, epsilon_high=EPS, use_ref_model=True, compiled=torch.cuda.is_available())
+    try:
+        return LigerFusedLinearGRPOLoss(loss_type="dapo", **kw)
+    except TypeError:  # older Liger without loss_type
+        return LigerFusedLinearGRPOLoss(**kw)
+
+
+def loss_fn(impl: str, **loss_kw):
+    """Returns ``f(inputs) -> scalar loss`` for one implementation (``loss_kw``: extra
+    ``agpo_loss`` keywords such as ``memory_budget``; ``backward`` overrides the name's)."""
+    if impl == "liger":
+        mod = _liger_grpo()
 
         def f(x):
             out = mod(x["h"], x["W"], x["y"], x["mask"].long(), x["adv"], ref_per_token_logps=x["ref"],
                       old_per_token_logps=x["old"])
             return out[0] if isinstance(out, tuple) else out
         return f
-    our = {"eager": "reference"}.get(impl, impl)
+    if impl == "liger-ce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        ce = LigerFusedLinearCrossEntropyLoss()
+
+        def f(x):
+            return ce(x["W"], x["h"].reshape(-1, x["h"].shape[-1]), x["y"].reshape(-1))
+        return f
+    our, backward = OURS[impl]
+    kw = {"backward": backward, **loss_kw}
 
     def f(x):
         loss, _ = agpo_loss(x["h"], x["W"], x["y"], x["adv"], x["old"], mask=x["mask"], eps_low=EPS,
-                            ref_logp=x["ref"], beta=BETA, kl_estimator="k3", impl=our)
+                            ref_logp=x["ref"], beta=BETA, kl_estimator="k3", impl=our, **kw)
         return loss
     return f
 
 
 def logprobs_fn(impl: str):
-    our = {"eager": "reference"}.get(impl, impl)
+    our = OURS[impl][0]
 
     def f(x):
         with torch.no_grad():
@@ -91,6 +119,7 @@ def logprobs_fn(impl: str):
 
 
 def flops(shape: Shape, mode: str) -> float:
-    """Matmul FLOPs of the LM head: 2NDV forward, 4NDV backward (SPEC section 3)."""
+    """Matmul FLOPs of the LM head: 2NDV forward, 4NDV backward (SPEC section 3); a design
+    that recomputes logits does more, but is credited with the same work."""
     per = 2.0 * shape.N * shape.D * shape.V
     return {"fwd": per, "bwd": 2 * per, "fwd+bwd": 3 * per, "logprobs": per}[mode]

@@ -66,12 +66,13 @@ def update_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r["extra_info"].get("bench") in ("update", "step")]
     if not rows:
         return ""
-    medians = {(r["extra_info"]["bench"], r["extra_info"]["layout"]): r["median"] for r in rows}
+    medians = {(r["extra_info"]["bench"], r["extra_info"]["model"], r["extra_info"]["layout"]): r["median"]
+               for r in rows}
     lines = ["| what | layout | median s | real tokens | processed tokens | processed / real | real tok/s "
              "| vs padded | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         x = r["extra_info"]
-        padded = medians.get((x["bench"], "padded"))
+        padded = medians.get((x["bench"], x["model"], "padded"))
         lines.append(f"| {x['bench']} ({x['model']}, {x['device']}) | {x['layout']} | {r['median']:.3f} "
                      f"| {x['real_tokens']:.0f} | {x['processed_tokens']:.0f} "
                      f"| {x['processed_tokens'] / x['real_tokens']:.2f} | {x['real_tokens'] / r['median']:.0f} "

@@ -1,5 +1,5 @@
-"""GPU only: times alternative tile configurations and slab budgets of the Triton kernels
-on one LM-head shape, to choose what triton_config ships. Prints a Markdown table.
+"""GPU only: times alternative tile configurations and budgets of the recompute design's
+Triton kernels on one LM-head shape, to choose what triton_config ships. Prints Markdown.
 
 ``python bench/sweep_triton.py [SHAPE]`` (default qwen2.5-14b).
 """
@@ -12,21 +12,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from agpo_kernels.partials import merge_partials  # noqa: E402
 from agpo_kernels.triton_bwd import bwd_grads  # noqa: E402
 from agpo_kernels.triton_config import bwd_config, fwd_config  # noqa: E402
-from agpo_kernels.triton_fwd import fwd_stats  # noqa: E402
+from agpo_kernels.triton_fwd import fwd_partials  # noqa: E402
 from cases import GPU_SHAPES, flops  # noqa: E402
 
 FWD = [dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
        dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
-       dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=5),
-       dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=4)]
+       dict(BLOCK_N=128, BLOCK_V=64, BLOCK_K=64, num_warps=8, num_stages=3)]
 BWD = [dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=4),
        dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
-       dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=4),
-       dict(BLOCK_N=64, BLOCK_V=256, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)]
-BUDGETS = [64, 128, 256, 512]
+       dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)]
+BUDGETS = [128, 256, 1024]
 
 
 def main(name="qwen2.5-14b"):
@@ -43,17 +42,17 @@ def main(name="qwen2.5-14b"):
     print(f"| fwd default | {fwd_config(dt, h.device)} | | | |")
     for cfg in FWD:
         try:
-            ms = triton.testing.do_bench(lambda: fwd_stats(h, W, None, y, it, config=cfg), return_mode="median")
+            ms = triton.testing.do_bench(lambda: fwd_partials(h, W, None, y, it, config=cfg), return_mode="median")
             print(f"| fwd | {cfg} | {ms:.2f} | {flops(s, 'fwd') / ms / 1e9:.0f} | {100 * mm / ms:.0f}% |")
         except Exception as e:  # a config that does not fit this GPU
             print(f"| fwd | {cfg} | failed: {type(e).__name__} | | |")
-    _, _, lse, mu = fwd_stats(h, W, None, y, it)
+    lse, ent, _ = merge_partials(fwd_partials(h, W, None, y, it))
     g = torch.randn(s.N, device=dev)
     print(f"| bwd default | {bwd_config(dt, h.device)} | | | |")
     for cfg in BWD:
-        for budget in ([128] if cfg is not BWD[0] else BUDGETS):
+        for budget in ([256] if cfg is not BWD[0] else BUDGETS):
             try:
-                fn = lambda: bwd_grads(h, W, None, y, it, lse, mu, g, g * 0.1, need_h=True, need_w=True,
+                fn = lambda: bwd_grads(h, W, None, y, it, lse, lse - ent, g, g * 0.1, need_h=True, need_w=True,
                                        need_b=False, memory_budget=budget * 2**20, config=cfg)
                 ms = triton.testing.do_bench(fn, return_mode="median")
                 print(f"| bwd (budget {budget} MiB) | {cfg} | {ms:.2f} | {flops(s, 'bwd') * 1.5 / ms / 1e9:.0f} "

@@ -1,7 +1,7 @@
 """The update side of a step on a real model: padded vs packed micro-batches (issue 18).
 
-``pytest bench/test_bench_update.py --benchmark-only``: the smollm2-135m preset (CPU; on a
-GPU also the tiny preset, with Liger's decoder kernels on and off).
+``pytest bench/test_bench_update.py --benchmark-only``: the smollm2-135m preset (on a GPU
+also with Liger's decoder kernels, ``--liger``, against without).
 
 - ``update``: one update pass (``update_epochs=1``) of ``Trainer.update`` over a rollout
   batch with a realistic length spread: 32 rows, prompts of 40-120 tokens, completions
@@ -29,6 +29,7 @@ from agpo.train import resolve_defaults
 from agpo.trainer import Trainer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LIGER = [False, True] if DEVICE == "cuda" else [False]
 
 
 def _peak_reset() -> float:
@@ -80,7 +81,7 @@ def smollm2():
         pytest.skip(str(e))
 
 
-def _trainer(model, tok, packing: bool, **over) -> Trainer:
+def _trainer(model, tok, packing: bool, liger: bool = False, **over) -> Trainer:
     cfg = TrainConfig()
     cfg.model.model, cfg.model.device = "smollm2-135m", DEVICE
     cfg.data.dataset = "chain_sum"
@@ -90,13 +91,18 @@ def _trainer(model, tok, packing: bool, **over) -> Trainer:
         for section in (cfg.rollout, cfg.optim, cfg.run, cfg.model):
             if hasattr(section, k):
                 setattr(section, k, v)
-    return Trainer(resolve_defaults(cfg), copy.deepcopy(model), tok, load_problems(cfg.data, split="train"))
+    model = copy.deepcopy(model)
+    if liger:
+        from agpo.liger import apply_liger
+        apply_liger(model, DEVICE)
+    return Trainer(resolve_defaults(cfg), model, tok, load_problems(cfg.data, split="train"))
 
 
+@pytest.mark.parametrize("liger", LIGER)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_update_pass(benchmark, smollm2, layout):
+def test_update_pass(benchmark, smollm2, layout, liger):
     model, tok = smollm2
-    tr = _trainer(model, tok, packing=layout == "packed")
+    tr = _trainer(model, tok, packing=layout == "packed", liger=liger)
     batch = realistic_batch(model.config.vocab_size)
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(batch.rows, generator=g)
@@ -107,7 +113,8 @@ def test_update_pass(benchmark, smollm2, layout):
     base = _peak_reset()
     benchmark.pedantic(lambda: seen.append(tr.update(batch, adv, eps, old, None)), rounds=3, iterations=1)
     m = seen[-1]
-    benchmark.extra_info.update(bench="update", model="smollm2-135m", layout=layout, device=DEVICE,
+    benchmark.extra_info.update(bench="update", model="smollm2-135m" + (" +liger" if liger else ""), layout=layout,
+                                device=DEVICE,
                                 rows=batch.rows, real_tokens=m["update/real_tokens"],
                                 processed_tokens=m["update/processed_tokens"], peak_mib=_peak_growth(base))
 

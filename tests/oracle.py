@@ -26,21 +26,22 @@ def oracle_stats(hidden, weight, bias, targets, temperature):
 def oracle_loss(hidden, weight, targets, adv, old, mask, *, eps_low, eps_high, temperature,
                 ref=None, beta=0.0, kl="k3", ent_coef=0.0, dual_clip=None, agg="token-mean",
                 bias=None, max_len=None, kl_ratio_weight=False, is_weight=None):
-    """Padded layout: hidden [B, T, D]; per-sequence adv/eps/temperature as [B] tensors."""
+    """Padded layout: hidden [B, T, D]; per-sequence adv/eps/temperature as [B] tensors.
+
+    ``old`` None: on-policy (the current log-prob, detached); ``is_weight`` multiplies
+    the clipped surrogate term only."""
     B, T = targets.shape
     col = lambda v: (v if isinstance(v, torch.Tensor) else torch.full((B,), float(v))).double().reshape(B, 1)
     temp = col(temperature)
     logp, ent = oracle_stats(hidden, weight, bias, targets, temp.expand(B, T))
     A, lo, hi = col(adv), col(eps_low), col(eps_high)
-    ratio = torch.exp(logp - old.double())
+    ratio = torch.exp(logp - (logp.detach() if old is None else old.double()))
     s1 = ratio * A
     s2 = torch.clamp(ratio, 1 - lo, 1 + hi) * A
     surr = torch.min(s1, s2)
     if dual_clip is not None:
         surr = torch.where(A < 0, torch.max(surr, dual_clip * A), surr)
-    if is_weight is not None:  # per-token importance weight on the surrogate only
-        surr = surr * is_weight.double()
-    l = -surr
+    l = -surr if is_weight is None else -is_weight.double() * surr
     kl_t = torch.zeros_like(logp)
     if ref is not None:
         d = logp - ref.double()

@@ -46,6 +46,15 @@ def call(kw=None, **over):
     (dict(), dict(impl="cuda-magic"), "impl"),
     (dict(hidden=torch.randn(0, T, D), targets=torch.zeros(0, T, dtype=torch.long),
           advantages=torch.zeros(0), old_logp=torch.zeros(0, T)), None, "hidden"),
+    (dict(), dict(backward="twice"), "backward"),
+    (dict(), dict(compute_dtype=torch.int32), "compute_dtype"),
+    (dict(), dict(memory_budget=0), "memory_budget"),
+    (dict(), dict(is_weight=torch.full((B, T), -0.5)), "is_weight"),
+    (dict(), dict(is_weight=torch.full((B, T), float("nan"))), "is_weight"),
+    (dict(), dict(is_weight=torch.ones(B, T + 1)), "is_weight"),
+    (dict(), dict(max_len=0), "max_len"),
+    (dict(), dict(process_group=object()), "process_group"),
+    (dict(weight=torch.randn(V, D).to("meta")), None, "weight"),
 ])
 def test_agpo_loss_rejects(over, kw, name):
     kw = dict(kw or {})
@@ -65,6 +74,8 @@ def test_packed_layout_checks():
         agpo_loss(h.view(1, 5, D), W, y, torch.zeros(2), old, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
     loss, _ = agpo_loss(h, W, y, torch.zeros(2), old, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
     assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="^cu_seqlens: on meta"):
+        agpo_loss(h, W, y, torch.zeros(2), old, cu_seqlens=torch.tensor([0, 2, 5], device="meta"))
 
 
 def test_linear_logprobs_rejects():
@@ -79,3 +90,11 @@ def test_linear_logprobs_rejects():
         linear_logprobs(h, W, torch.zeros(4, dtype=torch.long), bias=torch.zeros(V + 1))
     with pytest.raises(ValueError, match="^impl:"):
         linear_logprobs(h, W, torch.zeros(4, dtype=torch.long), impl="fast")
+    with pytest.raises(ValueError, match="^targets:"):  # -100 is ignored, other negatives are errors
+        linear_logprobs(h, W, torch.tensor([0, -100, -5, 1]))
+    with pytest.raises(ValueError, match="^mask:"):
+        linear_logprobs(h, W, torch.zeros(4, dtype=torch.long), mask=torch.ones(5))
+    with pytest.raises(ValueError, match="^temperature:"):
+        linear_logprobs(h, W, torch.zeros(4, dtype=torch.long), temperature=torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="^compute_dtype:"):
+        linear_logprobs(h, W, torch.zeros(4, dtype=torch.long), compute_dtype=torch.float64)

@@ -39,3 +39,28 @@ def test_rollout_table_compares_engines_on_the_same_rollout():
 def test_gpu_suite_script_parses():
     out = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", "gpu_suite.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_gpu_compare_table_and_targets():
+    """The GPU comparison's arithmetic, on made-up figures (the script itself needs CUDA)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from gpu_compare import VARIANTS, table
+
+    N, D, V = 8192, 5120, 152064
+    six = 6.0 * N * D * V
+    res = dict(shape="s", N=N, D=D, V=V, matmul_tflops=800.0, floor_6ndv_ms=six / 800e12 * 1e3,
+               eager_for_memory=dict(beyond_grads_mib=20000.0))
+    for label, *_ in VARIANTS:
+        res[label] = dict(ms=100.0, peak_gib=3.0, beyond_grads_mib=500.0)
+    res["forward"] = dict(ms=59.0, peak_gib=1.7, beyond_grads_mib=150.0)
+    res["liger GRPO"] = dict(ms=120.0, peak_gib=6.0, beyond_grads_mib=4000.0)
+    res["eager"] = dict(error="OOM")
+    out = table(res)
+    line = next(l for l in out.splitlines() if l.startswith("| forward |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # 6NDV = 38.27 TFLOP in 59 ms = 649 TFLOP/s; floor 47.8 ms -> 1.23x; Liger 120/59 = 2.03x; 150/20000 = 0.75%
+    assert cells[1:] == ["59.0", "649", "1.23", "2.03x", "1.70", "150", "0.75%"]
+    assert "1.5x faster than Liger's GRPO loss: 2.03x MET" in out
+    assert "6NDV at the matmul rate: 1.23x MET" in out
+    assert "1% of eager's: 0.75% MET" in out
+    assert "| eager | OOM |" in out

@@ -1,4 +1,5 @@
-"""agpo_loss / linear_logprobs against the float64 oracle, for every implementation.
+"""agpo_loss / linear_logprobs against the float64 oracle, for every implementation and
+both designs of agpo_loss (forward-gradient, recompute).
 
 impl="triton" runs in the CPU interpreter when there is no GPU (see conftest.py).
 """
@@ -11,8 +12,12 @@ from conftest import DEVICE
 from oracle import oracle_loss, oracle_stats
 
 IMPLS = ["reference", "torch", "triton"]
-# Small memory budgets force several row chunks / vocabulary slabs at these tiny sizes.
-BUDGET = {"reference": None, "torch": 40_000, "triton": 3_000}
+# agpo_loss: (impl, backward) pairs; "reference" is eager autograd whatever the design.
+DESIGNS = [("reference", "forward"), ("torch", "forward"), ("torch", "recompute"), ("triton", "forward"),
+           ("triton", "recompute")]
+DESIGN_IDS = [f"{i}-{b}" for i, b in DESIGNS]
+# Small memory budgets force several row chunks at these tiny sizes (a few rows each).
+BUDGET = {"reference": None, "torch": 4_000, "triton": 3_000}
 
 
 def rel(a, b):
@@ -79,32 +84,38 @@ OPTION_SETS = [
     dict(beta=0.2, kl="k3", kl_ratio_weight=True),
     dict(agg="seq-mean-token-mean", ent_coef=0.02, per_seq_eps=True),
     dict(agg="seq-mean-token-sum-norm", per_seq_eps=True, beta=0.03),
+    dict(is_weight=True, beta=0.05, dual_clip=2.0, per_seq_eps=True),   # truncated importance sampling
+    dict(on_policy=True, beta=0.05, ent_coef=0.01, agg="seq-mean-token-mean"),
 ]
+# Half the option sets run on the packed layout (alternating), all on both designs.
+LOSS_CASES = [(o, i % 2 == 1) for i, o in enumerate(OPTION_SETS)]
 
 
-def run_loss(p, impl, opts, ins, *, packed=False):
+def run_loss(p, impl, opts, ins, *, packed=False, backward="forward", budget=None):
     B, T = p["y"].shape
+    budget = BUDGET[impl] if budget is None else budget
+    old = None if opts.get("on_policy") else p["old"]
+    isw = (torch.rand(B, T, device=DEVICE) * 1.5) if opts.get("is_weight") else None
     eps_low = torch.rand(B, device=DEVICE) * 0.2 + 0.05 if opts.get("per_seq_eps") else 0.2
     eps_high = opts.get("eps_high", None if not opts.get("per_seq_eps") else eps_low * 1.3)
     kw = dict(eps_low=eps_low, eps_high=eps_high, temperature=p["temp"],
               ref_logp=p["ref"] if "beta" in opts else None, beta=opts.get("beta", 0.0),
               kl_estimator=opts.get("kl", "k3"), entropy_coef=opts.get("ent_coef", 0.0),
               dual_clip=opts.get("dual_clip"), loss_agg=opts.get("agg", "token-mean"),
-              kl_ratio_weight=opts.get("kl_ratio_weight", False))
+              kl_ratio_weight=opts.get("kl_ratio_weight", False), backward=backward, memory_budget=budget)
     b = ins[2] if len(ins) == 3 else None
     if not packed:
-        loss, m = agpo_loss(ins[0], ins[1], p["y"], p["adv"], p["old"], mask=p["mask"], bias=b,
-                            impl=impl, memory_budget=BUDGET[impl], **kw)
+        loss, m = agpo_loss(ins[0], ins[1], p["y"], p["adv"], old, mask=p["mask"], bias=b, impl=impl,
+                            is_weight=isw, **kw)
     else:  # same tokens as a packed batch: each sequence keeps its T positions
         cu = torch.arange(0, (B + 1) * T, T, device=DEVICE, dtype=torch.int32)
         flat = lambda t: None if t is None else t.reshape(B * T)
-        loss, m = agpo_loss(ins[0].reshape(B * T, -1), ins[1], flat(p["y"]), p["adv"], flat(p["old"]),
-                            cu_seqlens=cu, mask=flat(p["mask"]), bias=b, impl=impl,
-                            memory_budget=BUDGET[impl], max_len=T,
-                            **{**kw, "ref_logp": flat(kw["ref_logp"])})
+        loss, m = agpo_loss(ins[0].reshape(B * T, -1), ins[1], flat(p["y"]), p["adv"], flat(old),
+                            cu_seqlens=cu, mask=flat(p["mask"]), bias=b, impl=impl, max_len=T,
+                            is_weight=flat(isw), **{**kw, "ref_logp": flat(kw["ref_logp"])})
         m["logp"], m["entropy"] = m["logp"].view(B, T), m["entropy"].view(B, T)
     o_ins = [t.detach().double().requires_grad_() for t in ins]
-    o_loss, o_m = oracle_loss(o_ins[0], o_ins[1], p["y"], p["adv"], p["old"], p["mask"],
+    o_loss, o_m = oracle_loss(o_ins[0], o_ins[1], p["y"], p["adv"], old, p["mask"], is_weight=isw,
                               eps_low=eps_low, eps_high=eps_low if eps_high is None else eps_high,
                               temperature=p["temp"], ref=kw["ref_logp"], beta=kw["beta"],
                               kl=kw["kl_estimator"], ent_coef=kw["entropy_coef"],
@@ -114,17 +125,19 @@ def run_loss(p, impl, opts, ins, *, packed=False):
     return loss, m, o_loss, o_m, o_ins
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_agpo_loss_fp32(impl, opts, packed):
+@pytest.mark.parametrize("impl,backward", DESIGNS, ids=DESIGN_IDS)
+@pytest.mark.parametrize("opts,packed", LOSS_CASES,
+                         ids=lambda o: (",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+                         if isinstance(o, dict) else ("packed" if o else "padded"))
+def test_agpo_loss_fp32(impl, backward, opts, packed):
     p = make_problem(bias=not packed)
     ins = leaves(p)
-    loss, m, o_loss, o_m, o_ins = run_loss(p, impl, opts, ins, packed=packed)
+    loss, m, o_loss, o_m, o_ins = run_loss(p, impl, opts, ins, packed=packed, backward=backward)
     assert abs(loss.item() - o_loss.item()) <= 1e-5 * max(1.0, abs(o_loss.item()))
     for k in ("clip_frac", "ratio_mean", "kl_mean", "entropy_mean"):
         assert abs(m[k].item() - o_m[k].item()) < 2e-5, k
-    assert o_m["clip_frac"].item() > 0  # the problem really exercises the clipped branch
+    # the problem really exercises the clipped branch (on-policy: the ratio is 1, never clipped)
+    assert (o_m["clip_frac"].item() > 0) != bool(opts.get("on_policy"))
     assert rel(m["logp"], o_m["logp"]) < 1e-5 and rel(m["entropy"], o_m["entropy"]) < 1e-5
     grads = torch.autograd.grad(loss, ins)
     o_grads = torch.autograd.grad(o_loss, o_ins)
@@ -132,18 +145,26 @@ def test_agpo_loss_fp32(impl, opts, packed):
         assert rel(g, og) < 1e-4
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+FAST = [d for d in DESIGNS if d[0] != "reference"]
+FAST_IDS = [f"{i}-{b}" for i, b in FAST]
+
+
+@pytest.mark.parametrize("impl,backward", FAST, ids=FAST_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_eager(impl, dtype):
+def test_low_precision_no_worse_than_eager(impl, backward, dtype):
     """bf16/fp16 inputs: error against the float64 oracle (on the same rounded inputs) is
     within 2x of what naive eager PyTorch in the same dtype gets (the rounding points
-    differ, so on a finite random problem the two errors fluctuate around each other)."""
+    differ, so on a finite random problem the two errors fluctuate around each other).
+    The budget makes 6 row chunks, so the weight gradient is accumulated in 16 bits
+    across chunks (docs/kernels.md, "dW precision")."""
     p = make_problem(dtype=dtype, B=4, T=16, D=64, V=257)
     opts = dict(beta=0.05, ent_coef=0.01)
+    rows = int(p["mask"].sum())
+    budget = -(-rows // 6) * (8 * 257 + 4 * 64)  # ~6 chunks for either engine
     errs = {}
     for name in ("reference", impl):
         ins = leaves(p)
-        loss, m, o_loss, o_m, o_ins = run_loss(p, name, opts, ins)
+        loss, m, o_loss, o_m, o_ins = run_loss(p, name, opts, ins, backward=backward, budget=budget)
         grads = torch.autograd.grad(loss, ins)
         o_grads = torch.autograd.grad(o_loss, o_ins)
         assert all(g.dtype == dtype for g in grads)
@@ -153,13 +174,13 @@ def test_low_precision_no_worse_than_eager(impl, dtype):
         assert ours <= 2.0 * eager + 1e-6, (errs[impl], errs["reference"])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_single_token_and_fully_masked_rows(impl):
+@pytest.mark.parametrize("impl,backward", DESIGNS, ids=DESIGN_IDS)
+def test_single_token_and_fully_masked_rows(impl, backward):
     p = make_problem(B=3, T=4)
     p["mask"][1] = False  # a fully masked sequence
     ins = leaves(p)
     for opts in (dict(), dict(agg="seq-mean-token-mean")):
-        loss, m, o_loss, o_m, o_ins = run_loss(p, impl, opts, ins)
+        loss, m, o_loss, o_m, o_ins = run_loss(p, impl, opts, ins, backward=backward)
         assert torch.isfinite(loss) and abs(loss.item() - o_loss.item()) < 1e-5
         grads = torch.autograd.grad(loss, ins)
         assert all(torch.isfinite(g).all() for g in grads)
@@ -167,16 +188,17 @@ def test_single_token_and_fully_masked_rows(impl):
         assert (m["logp"][1] == 0).all()
     # N = 1 token
     q = make_problem(B=1, T=1, bias=False)
-    loss, m, o_loss, _, _ = run_loss(q, impl, dict(), leaves(q))
+    loss, m, o_loss, _, _ = run_loss(q, impl, dict(), leaves(q), backward=backward)
     assert abs(loss.item() - o_loss.item()) < 1e-5
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_all_tokens_masked_gives_zero_loss_and_zero_grads(impl):
+@pytest.mark.parametrize("impl,backward", DESIGNS, ids=DESIGN_IDS)
+def test_all_tokens_masked_gives_zero_loss_and_zero_grads(impl, backward):
     p = make_problem(B=2, T=3)
     p["mask"][:] = False
     ins = leaves(p)
-    loss, m = agpo_loss(ins[0], ins[1], p["y"], p["adv"], p["old"], mask=p["mask"], bias=ins[2], impl=impl)
+    loss, m = agpo_loss(ins[0], ins[1], p["y"], p["adv"], p["old"], mask=p["mask"], bias=ins[2], impl=impl,
+                        backward=backward)
     assert loss.item() == 0.0 and m["clip_frac"].item() == 0.0
     loss.backward()
     assert all(t.grad is not None and (t.grad == 0).all() for t in ins)
@@ -200,19 +222,52 @@ def test_large_logits(impl):
     o_grads = torch.autograd.grad((o_lp * g.double()).sum() + o_ent.sum(), o_ins)
     for a, b in zip(grads, o_grads):
         assert torch.isfinite(a).all() and rel(a, b) < 1e-3
+    # The forward-gradient design's row pass on the same logits (entropy bonus on).
+    if impl != "reference":
+        p["old"], p["temp"] = o_lp.detach().float() + 0.1, torch.ones_like(p["temp"])
+        ins = leaves(p)
+        loss, m, o_loss, o_m, o_ins = run_loss(p, impl, dict(ent_coef=0.1), ins)
+        assert abs(loss.item() - o_loss.item()) <= 1e-3 and torch.isfinite(m["entropy"]).all()
+        for a, b in zip(torch.autograd.grad(loss, ins), torch.autograd.grad(o_loss, o_ins)):
+            assert torch.isfinite(a).all() and rel(a, b) < 1e-3
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_frozen_head_skips_weight_grad(impl):
+@pytest.mark.parametrize("impl,backward", FAST, ids=FAST_IDS)
+def test_gradients_only_for_what_requires_grad(impl, backward):
+    """A frozen head (LoRA, a reference model) gets no dW GEMM at all; a hidden state that
+    needs no gradient gets no dh GEMM; the rest equals the oracle."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class GemmShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.out = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.out.append(tuple(res.shape))
+            return res
+
     p = make_problem(bias=False)
-    h = p["h"].clone().requires_grad_()
-    loss, _ = agpo_loss(h, p["W"], p["y"], p["adv"], p["old"], mask=p["mask"], impl=impl)
-    loss.backward()
-    o_h = p["h"].double().requires_grad_()
-    o_loss, _ = oracle_loss(o_h, p["W"], p["y"], p["adv"], p["old"], p["mask"], eps_low=0.2,
-                            eps_high=0.2, temperature=1.0)
-    o_loss.backward()
-    assert p["W"].grad is None and rel(h.grad, o_h.grad) < 1e-4
+    V, D = p["W"].shape
+    o_h, o_w = p["h"].double().requires_grad_(), p["W"].double().requires_grad_()
+    o_loss, _ = oracle_loss(o_h, o_w, p["y"], p["adv"], p["old"], p["mask"], eps_low=0.2, eps_high=0.2,
+                            temperature=1.0)
+    o_dh, o_dw = torch.autograd.grad(o_loss, (o_h, o_w))
+    for frozen in ("weight", "hidden"):
+        h = p["h"].clone().requires_grad_(frozen != "hidden")
+        w = p["W"].clone().requires_grad_(frozen != "weight")
+        with GemmShapes() as gemms:
+            loss, _ = agpo_loss(h, w, p["y"], p["adv"], p["old"], mask=p["mask"], impl=impl, backward=backward,
+                                memory_budget=BUDGET[impl])
+            loss.backward()
+        assert ((V, D) in gemms.out) == (frozen != "weight"), gemms.out  # the dW GEMM
+        assert any(s[1] == D and s[0] < V for s in gemms.out) == (frozen != "hidden"), gemms.out  # dh
+        if frozen == "weight":
+            assert w.grad is None and rel(h.grad, o_dh) < 1e-4
+        else:
+            assert h.grad is None and rel(w.grad, o_dw) < 1e-4
 
 
 def test_module_matches_functional_and_overrides():
@@ -222,63 +277,7 @@ def test_module_matches_functional_and_overrides():
     a, _ = mod(p["h"], p["W"], p["y"], p["adv"], p["old"], mask=p["mask"], eps_low=eps)
     b, _ = agpo_loss(p["h"], p["W"], p["y"], p["adv"], p["old"], mask=p["mask"], eps_low=0.3, impl="torch")
     assert torch.allclose(a, b)
+    c, _ = mod(p["h"], p["W"], p["y"], p["adv"], p["old"], mask=p["mask"], eps_low=eps, backward="recompute")
+    assert torch.allclose(a, c)
     with pytest.raises(TypeError, match="unknown options"):
         mod(p["h"], p["W"], p["y"], p["adv"], p["old"], epsilon=0.2)
-
-
-def test_auto_picks_triton_on_cuda_and_torch_on_cpu():
-    from agpo_kernels.dispatch import resolve_impl, triton_available
-
-    assert triton_available()
-    assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"
-    assert resolve_impl("auto", torch.device("cpu")) == "torch"
-    assert resolve_impl("reference", torch.device("cuda", 0)) == "reference"
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_is_weight_scales_the_surrogate_only(impl, packed):
-    """``is_weight`` (truncated importance sampling) against the float64 oracle: weights
-    in [0, 2] with exact zeros and the cap, on a problem with a KL term and an entropy
-    bonus (which the weight must leave alone) and clipped tokens."""
-    p = make_problem(B=4, T=6, bias=not packed)
-    B, T = p["y"].shape
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    isw = (torch.rand(B, T, generator=g) * 2.0).to(DEVICE)
-    isw[0, 1], isw[1, 0], isw[2, :] = 0.0, 2.0, 1.0
-    ins = leaves(p)
-    kw = dict(eps_low=0.2, eps_high=0.28, temperature=p["temp"], beta=0.05, entropy_coef=0.03,
-              impl=impl, memory_budget=BUDGET[impl])
-    if not packed:
-        loss, _ = agpo_loss(ins[0], ins[1], p["y"], p["adv"], p["old"], mask=p["mask"], bias=ins[2],
-                            ref_logp=p["ref"], is_weight=isw, **kw)
-    else:
-        cu = torch.arange(0, (B + 1) * T, T, device=DEVICE, dtype=torch.int32)
-        loss, _ = agpo_loss(ins[0].reshape(B * T, -1), ins[1], p["y"].reshape(-1), p["adv"], p["old"].reshape(-1),
-                            cu_seqlens=cu, mask=p["mask"].reshape(-1), ref_logp=p["ref"].reshape(-1),
-                            is_weight=isw.reshape(-1), max_len=T, **kw)
-    o_ins = [t.detach().double().requires_grad_() for t in ins]
-    o_loss, o_m = oracle_loss(o_ins[0], o_ins[1], p["y"], p["adv"], p["old"], p["mask"], eps_low=0.2, eps_high=0.28,
-                              temperature=p["temp"], ref=p["ref"], beta=0.05, ent_coef=0.03,
-                              bias=o_ins[2] if len(o_ins) == 3 else None, is_weight=isw)
-    assert o_m["clip_frac"].item() > 0
-    assert abs(loss.item() - o_loss.item()) <= 1e-5 * max(1.0, abs(o_loss.item()))
-    for gr, og in zip(torch.autograd.grad(loss, ins), torch.autograd.grad(o_loss, o_ins)):
-        assert rel(gr, og) < 1e-4
-    # the weight really matters: the unweighted oracle is a different loss
-    plain, _ = oracle_loss(*[t.detach().double() for t in ins[:2]], p["y"], p["adv"], p["old"], p["mask"],
-                           eps_low=0.2, eps_high=0.28, temperature=p["temp"], ref=p["ref"], beta=0.05,
-                           ent_coef=0.03, bias=ins[2].detach().double() if len(ins) == 3 else None)
-    assert abs(plain.item() - o_loss.item()) > 1e-3
-
-
-def test_is_weight_bad_input():
-    p = make_problem(B=2, T=3)
-    args = (p["h"], p["W"], p["y"], p["adv"], p["old"])
-    with pytest.raises(ValueError, match="is_weight.*shape"):
-        agpo_loss(*args, mask=p["mask"], is_weight=torch.ones(2, 4, device=DEVICE))
-    with pytest.raises(ValueError, match="is_weight.*>= 0"):
-        agpo_loss(*args, mask=p["mask"], is_weight=-torch.ones(2, 3, device=DEVICE))
-    with pytest.raises(ValueError, match="is_weight.*NaN"):
-        agpo_loss(*args, mask=torch.ones(2, 3, dtype=torch.bool, device=DEVICE),
-                  is_weight=torch.full((2, 3), float("nan"), device=DEVICE))

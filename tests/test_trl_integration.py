@@ -7,6 +7,7 @@ that per-sequence eps / temperature in the batch reach the loss, and the control
 """
 
 import copy
+import types
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from agpo_kernels.integrations.trl import AGPOControllerCallback, AGPOGRPOTrainer  # noqa: E402
+import agpo_kernels.integrations.trl as trl_module  # noqa: E402
+from agpo_kernels.integrations.trl import AGPOControllerCallback, AGPOGRPOTrainer, full_head  # noqa: E402
+from agpo_kernels.precision import resolve_compute_dtype  # noqa: E402
 
 VOCAB = 320
 G = 2
@@ -120,12 +123,20 @@ def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, loss_type, beta, kl
         assert m[key][0] == pytest.approx(m[key][1], rel=1e-5, abs=1e-6), key
 
 
-def test_old_logps_absent_matches_trl(model_dir, tmp_path):
-    """On-policy batches carry no old log-probs; TRL then uses its own, detached."""
+def test_old_logps_absent_matches_trl(model_dir, tmp_path, monkeypatch):
+    """On-policy batches carry no old log-probs; TRL then uses its own, detached. Ours come
+    from the same forward (old_logp=None): one backbone pass, no scoring pass."""
     trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, temperature=0.7)
     batch = make_batch(trainer)
     del batch["old_per_token_logps"]
+    calls = {"backbone": 0, "linear_logprobs": 0}
+    hook = trainer.model.base_model.register_forward_hook(lambda *a: calls.update(backbone=calls["backbone"] + 1))
+    real = trl_module.linear_logprobs
+    monkeypatch.setattr(trl_module, "linear_logprobs",
+                        lambda *a, **k: calls.update(linear_logprobs=calls["linear_logprobs"] + 1) or real(*a, **k))
     ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)
+    hook.remove()
+    assert calls == {"backbone": 1, "linear_logprobs": 0}
     theirs, g_trl = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     for name in g_trl:
@@ -163,6 +174,78 @@ def test_per_sequence_eps_and_temperature_reach_the_loss(model_dir, tmp_path):
     wide_trl, _ = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
     trainer.epsilon_low = trainer.epsilon_high = 0.2
     torch.testing.assert_close(loss_and_grads(trainer.agpo_compute_loss, trainer, wide)[0], wide_trl)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_vllm_importance_sampling_correction_matches_trl(model_dir, tmp_path, level):
+    """TRL's vLLM IS correction multiplies the clipped surrogate by the (truncated) ratio of
+    trainer to rollout-engine probabilities: agpo_loss's is_weight, same loss and grads."""
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, beta=0.04, loss_type="dapo")
+    batch = make_batch(trainer)
+    B, C = batch["completion_ids"].shape
+    g = torch.Generator().manual_seed(3)
+    batch["importance_sampling_ratio"] = torch.rand(B, C if level == "token" else 1, generator=g) * 2
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True  # as a vLLM run sets them
+    ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)
+    theirs, g_trl = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for name in g_trl:
+        torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-6, msg=name)
+    trainer.use_vllm = False
+    assert not torch.allclose(loss_and_grads(trainer.agpo_compute_loss, trainer, batch)[0], ours)
+
+
+def test_head_runs_inside_the_model_forward_in_the_autocast_dtype(model_dir, tmp_path, monkeypatch):
+    """bf16 autocast with fp32 master weights (TRL's bf16=True): agpo_loss is called while
+    the model's forward runs (where FSDP/ZeRO-3 hold the head gathered), with the fp32
+    weight itself (no copy by the trainer) and resolves a bf16 head; the loss matches
+    TRL's own under the same autocast to bf16 accuracy, the head gradient stays fp32."""
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, bf16=True, beta=0.04, loss_type="bnpo")
+    batch = make_batch(trainer)
+    inside, seen = [False], []
+    trainer.model.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    trainer.model.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    real = trl_module.agpo_loss
+
+    def spy(hidden, weight, *a, **k):
+        seen.append((inside[0], weight is trainer.model.lm_head.weight, resolve_compute_dtype(hidden, None)))
+        return real(hidden, weight, *a, **k)
+
+    monkeypatch.setattr(trl_module, "agpo_loss", spy)
+    ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)  # enters autocast itself
+    with trainer.accelerator.autocast():
+        theirs, _ = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
+    assert seen == [(True, True, torch.bfloat16)]
+    assert trainer.model.lm_head.weight.dtype == torch.float32 and g_ours["lm_head.weight"].dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=3e-2, atol=2e-3)
+
+
+def test_full_head_gathers_an_fsdp2_sharded_weight(tmp_path):
+    """FSDP2 keeps parameters as DTensors: full_head hands agpo_loss the whole weight, and
+    the gradient comes back to the sharded parameter (1-rank gloo mesh, in process)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from agpo_kernels import agpo_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        head = torch.nn.Linear(16, 40, bias=False)
+        plain = head.weight.detach().clone().requires_grad_()
+        head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Shard(0)]))
+        holder = types.SimpleNamespace(get_output_embeddings=lambda: head)
+        weight, bias = full_head(holder)
+        assert not hasattr(weight, "full_tensor") and bias is None
+        h, y = torch.randn(2, 5, 16), torch.randint(0, 40, (2, 5))
+        for w in (weight, plain):
+            loss, _ = agpo_loss(h, w, y, torch.tensor([1.0, -0.5]), None, impl="torch")
+            loss.backward()
+        assert hasattr(head.weight.grad, "full_tensor")
+        torch.testing.assert_close(head.weight.grad.full_tensor(), plain.grad)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_unsupported_config_falls_back_to_trl(model_dir, tmp_path):

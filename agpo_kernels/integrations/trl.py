@@ -13,14 +13,20 @@ gradients equal TRL's own (``_compute_loss``):
     "dr_grpo"         ->  "seq-mean-token-sum-norm", max_len = max_completion_length
 
 ``epsilon``/``epsilon_high`` -> ``eps_low``/``eps_high``, ``beta`` -> ``beta`` with
-``kl_estimator="k3"``, ``temperature`` -> ``temperature``. Per-sequence ``eps_low``,
+``kl_estimator="k3"``, ``temperature`` -> ``temperature``, vLLM's importance-sampling
+correction (``importance_sampling_ratio``) -> ``is_weight``. Per-sequence ``eps_low``,
 ``eps_high`` and ``temperature`` tensors ``[B]`` in the inputs dict override them (they
 travel through TRL's shuffle/split with the rest of the batch); old and reference
 log-probs in the batch must be at the same per-sequence temperature. Configurations the
 fused loss does not express (other loss types, sequence-level importance sampling,
-``delta``, off-policy masks, entropy masks/bonus, vLLM IS correction, MoE aux loss,
-multimodal inputs, logit scaling/softcapping) fall back to
-TRL's own loss, with a warning at construction.
+``delta``, off-policy masks, entropy masks/bonus, MoE aux loss, multimodal inputs, logit
+scaling/softcapping) fall back to TRL's own loss, with a warning at construction.
+
+The loss runs inside the model's own forward (``add_hidden_forward``), where FSDP and
+ZeRO-3 have the LM head gathered, under the trainer's autocast: on-policy batches (no old
+log-probs) need no scoring pass (``old_logp=None``), and fp32 master weights with bf16
+autocast run a bf16 head with an fp32 weight gradient. ``agpo_loss`` forms the gradients
+during that forward (``backward="forward"``).
 
 ``AGPOControllerCallback`` attaches ``agpo.controllers.AGPOController`` to the trainer:
 after each generation batch it reads the group statistics (``num_generations``
@@ -32,6 +38,7 @@ so the controller's tau is computed and logged but not applied to sampling.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
@@ -49,25 +56,54 @@ LOSS_AGG = {"bnpo": "token-mean", "dapo": "token-mean", "grpo": "seq-mean-token-
             "dr_grpo": "seq-mean-token-sum-norm"}
 """TRL ``loss_type`` -> ``agpo_loss`` ``loss_agg``."""
 
-_HIDDEN_FLAG = "agpo_hidden_states"
+_HEAD_FN = "agpo_head_fn"
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
+def full_head(model):
+    """``(weight, bias)`` of the LM head, whole: FSDP2 DTensors are gathered
+    (``full_tensor``, whose backward reduce-scatters the gradient); under DeepSpeed ZeRO-3
+    the caller wraps the use in ``gathered_head``."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None and hasattr(bias, "full_tensor") else bias
+    return weight, bias
+
+
+def gathered_head(weight, bias):
+    """ZeRO-3 gathers a parameter only inside its own module's forward, which the fused
+    head never calls; TRL's context gathers it for the call (a no-op otherwise)."""
+    try:
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+    except ImportError:  # a TRL without it: nothing to gather outside ZeRO-3 anyway
+        return contextlib.nullcontext()
+    return maybe_gather_lm_head_ctx(*(t for t in (weight, bias) if t is not None))
+
+
 def add_hidden_forward(model) -> None:
-    """Lets ``model(..., agpo_hidden_states=True)`` return the backbone's last hidden state.
+    """Lets ``model(..., agpo_head_fn=fn)`` return ``fn(hidden, weight, bias)``: the
+    backbone's last hidden state and the whole LM head, inside the model's own forward.
 
     Going through ``model(...)`` (not the backbone directly) keeps DDP/FSDP wrappers in the
-    loop; without the flag the forward is unchanged (generation, TRL's scoring).
+    loop, and reading the head there means its weight is gathered when ``fn`` reads it
+    (FSDP/ZeRO-3): ``agpo_loss`` forms its gradients during that forward, so nothing of the
+    gathered weight is needed afterwards. Without the keyword the forward is unchanged
+    (generation, TRL's scoring).
     """
     inner = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, agpo_hidden_states=False, **kwargs):
-        if not agpo_hidden_states:
+    def forward(self, *args, agpo_head_fn=None, **kwargs):
+        if agpo_head_fn is None:
             return inner(*args, **kwargs)
         kwargs["use_cache"] = False
-        return self.base_model(*args, **kwargs).last_hidden_state
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        weight, bias = full_head(self)
+        with gathered_head(weight, bias):
+            return agpo_head_fn(hidden, weight, bias)
 
     model.forward = types.MethodType(forward, model)
 
@@ -103,7 +139,7 @@ class AGPOGRPOTrainer(GRPOTrainer):
             (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
             (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1"),
             (getattr(self, "_entropy_bonus_enabled", False), "entropy bonus"),
-            (self.use_vllm and self.vllm_importance_sampling_correction, "vLLM importance-sampling correction"),
+            (self.loss_type == "vespo", "loss_type='vespo'"),
             (self.aux_loss_enabled, "MoE router aux loss"),
             (getattr(cfg, "final_logit_softcapping", None) is not None, "final_logit_softcapping"),
             (any(getattr(cfg, k, None) not in (None, 1.0) for k in
@@ -120,20 +156,21 @@ class AGPOGRPOTrainer(GRPOTrainer):
             return self._compute_loss(model, inputs)
         return self.agpo_compute_loss(model, inputs)
 
-    def _hidden_and_head(self, model, inputs):
-        """Completion-position hidden states ``[B, C, D]`` and the LM head (weight, bias)."""
+    def _run_head(self, model, inputs, fn):
+        """``fn(hidden [B, C, D], weight, bias)`` inside the model's forward, under autocast:
+        the completion-position hidden states and the whole LM head. No dtype is forced:
+        ``agpo_loss`` computes in autocast's (or the activations') dtype, so fp32 master
+        weights with bf16 autocast run a bf16 head."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        with self.accelerator.autocast():
-            hidden = model(input_ids=input_ids, attention_mask=attention_mask, **{_HIDDEN_FLAG: True})
         P, C = prompt_ids.size(1), completion_ids.size(1)
-        hidden = hidden[:, P - 1:P + C - 1]  # the state at position t predicts token t + 1
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
-        return hidden, weight, bias
+
+        def head(hidden, weight, bias):
+            return fn(hidden[:, P - 1:P + C - 1], weight, bias)  # position t predicts token t + 1
+
+        with self.accelerator.autocast():
+            return model(input_ids=input_ids, attention_mask=attention_mask, **{_HEAD_FN: head})
 
     def agpo_compute_loss(self, model, inputs):
         """TRL's GRPO loss for this batch, computed by ``agpo_loss`` (no logits)."""
@@ -142,25 +179,25 @@ class AGPOGRPOTrainer(GRPOTrainer):
         if inputs.get("tool_mask") is not None:
             mask = mask * inputs["tool_mask"]
         targets = inputs["completion_ids"]
-        hidden, weight, bias = self._hidden_and_head(model, inputs)
         temperature = _per_seq(inputs, "temperature", self.temperature)
-        if not bool(mask.any()):  # nothing to score: a connected zero, like TRL
-            return hidden.sum() * 0.0
+        # On-policy batches carry no old log-probs: agpo_loss then uses the current ones,
+        # detached (ratio 1), from the same forward; no scoring pass.
         old = inputs.get("old_per_token_logps")
-        if old is None:  # TRL then uses the current log-probs, detached (ratio 1)
-            with torch.no_grad():
-                old, _ = linear_logprobs(hidden.detach(), weight.detach(), targets,
-                                         bias=None if bias is None else bias.detach(),
-                                         temperature=temperature.view(-1, 1) if torch.is_tensor(temperature)
-                                         else temperature, impl=self.agpo_impl)
         eps_low = _per_seq(inputs, "eps_low", self.epsilon_low)
         eps_high = _per_seq(inputs, "eps_high", self.epsilon_high)
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
-        loss, metrics = agpo_loss(
-            hidden, weight, targets, inputs["advantages"].reshape(-1).float(), old, mask=mask, bias=bias,
-            eps_low=eps_low, eps_high=eps_high, temperature=temperature, ref_logp=ref, beta=self.beta,
-            kl_estimator="k3", kl_ratio_weight=self._kl_bias_correction(), loss_agg=LOSS_AGG[self.loss_type],
-            max_len=self.max_completion_length, impl=self.agpo_impl)
+        isw = None  # vLLM rollouts: truncated importance weights on the surrogate term, as TRL
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            isw = inputs["importance_sampling_ratio"].float().expand_as(mask)  # [B, 1] for sequence modes
+
+        def loss_fn(hidden, weight, bias):
+            return agpo_loss(
+                hidden, weight, targets, inputs["advantages"].reshape(-1).float(), old, mask=mask, bias=bias,
+                eps_low=eps_low, eps_high=eps_high, temperature=temperature, ref_logp=ref, beta=self.beta,
+                kl_estimator="k3", kl_ratio_weight=self._kl_bias_correction(), loss_agg=LOSS_AGG[self.loss_type],
+                max_len=self.max_completion_length, is_weight=isw, impl=self.agpo_impl, backward="forward")
+
+        loss, metrics = self._run_head(model, inputs, loss_fn)
         loss = self._rescale(loss, inputs, mask, mode)
         self._log_agpo_metrics(metrics, old, ref, mask, inputs["advantages"], eps_low, eps_high, mode)
         return loss
@@ -186,6 +223,7 @@ class AGPOGRPOTrainer(GRPOTrainer):
         """The metrics TRL logs for the clipped losses: entropy, kl, clip ratios."""
         mask = mask.float()
         logp = metrics["logp"]
+        old = logp if old is None else old  # on-policy: the ratio is 1
 
         def masked_mean(x):
             totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
@@ -232,10 +270,9 @@ class AGPOGRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def policy_token_stats(self, batch, temperature=None):
         """Per-token ``(logp, entropy)`` ``[B, C]`` of the current policy on a batch (no grad)."""
-        hidden, weight, bias = self._hidden_and_head(self.model, batch)
         temperature = self.temperature if temperature is None else temperature
-        return linear_logprobs(hidden, weight, batch["completion_ids"], bias=bias,
-                               temperature=temperature, impl=self.agpo_impl)
+        return self._run_head(self.model, batch, lambda h, w, b: linear_logprobs(
+            h, w, batch["completion_ids"], bias=b, temperature=temperature, impl=self.agpo_impl))
 
 
 def _completion_text(c) -> str:
