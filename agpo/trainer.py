@@ -31,7 +31,6 @@ aggregations by their share of sequences (Dr. GRPO's normaliser is the completio
 from __future__ import annotations
 
 import math
-import random
 import time
 import warnings
 from dataclasses import replace
@@ -50,6 +49,7 @@ from agpo.policy import Policy, SequenceBatch
 from agpo.rewards import DEFAULT_VERIFIER, correct_many, correctness_reward, load_reward, score_batch
 from agpo.rollout import Rollout, make_engine
 from agpo.rollout.correction import importance_weights, mismatch_metrics, mismatch_sums
+from agpo.schedule import PromptSampler, lr_lambda
 from agpo.stats import VOTE_KEYS, group_vote_entropy
 
 TIME_KEYS = ("time/", "perf/")
@@ -60,54 +60,6 @@ VERIFIER_KEYS = ("calls", "timeouts", "errors", "oversized", "unavailable")
 
 def _delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before[k] for k in VERIFIER_KEYS}
-
-
-class PromptSampler:
-    """Shuffled passes over the train problems; its position is checkpointed."""
-
-    def __init__(self, problems: list[Problem], seed: int):
-        if not problems:
-            raise ValueError("train problems: empty")
-        self.problems, self.seed, self.epoch, self.pos = problems, seed, 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        order = list(range(len(self.problems)))
-        random.Random(f"agpo-prompts-{self.seed}-{self.epoch}").shuffle(order)
-        return order
-
-    def next(self, n: int) -> list[Problem]:
-        out = []
-        while len(out) < n:
-            if self.pos == len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._permutation()
-            out.append(self.problems[self._order[self.pos]])
-            self.pos += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._permutation()
-
-
-def lr_lambda(total: int, warmup_ratio: float, schedule: str, min_ratio: float):
-    """LR multiplier per optimiser step: linear warm-up, then constant / linear / cosine."""
-    warm = int(round(total * warmup_ratio))
-
-    def f(i: int) -> float:
-        if i < warm:
-            return (i + 1) / warm
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (i - warm) / max(1, total - warm))
-        if schedule == "linear":
-            return 1.0 - (1.0 - min_ratio) * frac
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    return f
 
 
 def scoring_batch(batch: SequenceBatch, score_temperature: str) -> SequenceBatch:

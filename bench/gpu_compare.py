@@ -58,7 +58,6 @@ def matmul_rate(shape) -> float:
     h = torch.randn(shape.N, shape.D, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(shape.V, shape.D, device="cuda", dtype=torch.bfloat16)
     ms = timed(lambda: h @ w.t(), 10)
-    del h, w
     return flops(shape, "fwd") / (ms / 1e3)
 
 

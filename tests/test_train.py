@@ -32,8 +32,10 @@ from agpo.models import load_model_and_tokenizer
 from agpo.policy import Policy
 from agpo.rollout import RowTemperature, sample_groups
 from agpo.sft import supervised_warmup
+from agpo.packing import micro_batches
+from agpo.schedule import lr_lambda
 from agpo.train import main, resolve_defaults, run
-from agpo.trainer import TIME_KEYS, Trainer, lr_lambda, micro_batches
+from agpo.trainer import TIME_KEYS, Trainer
 from tolerance import assert_close_scaled, rounding_tol
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from agpo.rewards import (MAX_ANSWER_CHARS, REWARDS, RewardError, answer_key, correctness_reward,
-                          correctness_with_format, extract_answer, format_reward, is_correct, reference_answer,
+                          correctness_with_format, extract_answer, is_correct, reference_answer,
                           score_batch, verification_pair)
 from agpo.stats import group_vote_entropy
 from agpo.verifier import MathVerifier, math_verify_installed
