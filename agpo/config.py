@@ -65,7 +65,7 @@ class ModelConfig:
     """Recompute decoder activations in the backward pass (saves memory on large models)."""
     liger: bool | None = None
     """Liger-Kernel's fused RMSNorm, RoPE and SwiGLU in the decoder (never its loss; agpo.liger).
-    None: on when the run is on CUDA and liger-kernel is installed."""
+    None: on when the run is on CUDA, liger-kernel is installed and knows the model's family."""
     lora_rank: int = 0
     """LoRA adapters of this rank on the attention and MLP projections (0: full fine-tuning)."""
     lora_alpha: float | None = None

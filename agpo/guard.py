@@ -139,7 +139,8 @@ class StepGuard:
 
 
 # -- how a run ended -------------------------------------------------------------------------
-_DIST_ERROR = re.compile(r"gloo|nccl|connection (closed|reset) by peer|timed out|timeout|broken pipe", re.I)
+_DIST_ERROR = re.compile(r"gloo|nccl|c10d|monitoredBarrier|connection (closed|reset) by peer|broken pipe", re.I)
+"""A collective failed: a backend names itself; a reward or verifier timeout does not match."""
 
 
 def _dist_failure(exc: BaseException) -> bool:

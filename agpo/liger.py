@@ -11,7 +11,8 @@ Liger patches some module-level functions of the family (the RoPE function of, e
 ``transformers.models.qwen2.modeling_qwen2``), so every model of that family created in
 the process afterwards uses Liger's RoPE too; the reference model gets the same patch.
 
-``--liger/--no-liger`` (default: on when the run is on CUDA and liger-kernel imports).
+``--liger/--no-liger`` (default: on when the run is on CUDA, liger-kernel imports and it
+knows the model's family; ``wants_liger``).
 Liger's kernels are Triton kernels for GPUs; on a CPU they run only in Triton's
 interpreter (tests/test_liger.py).
 """
@@ -46,6 +47,15 @@ def supported_family(model: nn.Module) -> str | None:
     return model_type if model_type in MODEL_TYPE_TO_APPLY_LIGER_FN else None
 
 
+def wants_liger(model: nn.Module, device: str) -> bool:
+    """The default of ``--liger``: the run is on CUDA and Liger has kernels for the model."""
+    return str(device).startswith("cuda") and supported_family(_base(model)) is not None
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def apply_liger(model: nn.Module, device: str = "cuda") -> str:
     """Patch ``model`` (a ``*ForCausalLM``, or a peft model around one) with Liger's RMSNorm,
     RoPE and SwiGLU for a run on ``device``; returns the family patched. Raises
@@ -56,7 +66,7 @@ def apply_liger(model: nn.Module, device: str = "cuda") -> str:
                          "pass --no-liger")
     if not liger_available():
         raise LigerError("--liger: liger-kernel is not installed (pip install liger-kernel), or pass --no-liger")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     family = supported_family(base)
     if family is None:
         raise LigerError(f"--liger: Liger-Kernel has no kernels for model type "

@@ -35,13 +35,14 @@ from agpo.config import ConfigError, TrainConfig, config_from_args
 from agpo.data import held_out, load_problems
 from agpo.distributed import DistEnv, broadcast_object, export_hf, init_distributed, shutdown_distributed
 from agpo.guard import EXIT_OK, EXIT_PREEMPTED, exit_status, last_checkpoint_name
-from agpo.liger import apply_liger, liger_available
+from agpo.liger import apply_liger, wants_liger
 from agpo.loading import empty_model, weights_dir
 from agpo.metrics_log import MetricsLogger
 from agpo.models import PRESETS, load_model_and_tokenizer, prepare_tokenizer, resolve_attn, resolve_dtype
 from agpo.policy import Policy
 from agpo.preempt import Preemption, describe, ignore_preemption
 from agpo.rollout import resolve_engine
+from agpo.rollout.correction import resolve_tis
 from agpo.sft import supervised_warmup
 from agpo.trainer import Trainer
 
@@ -54,8 +55,6 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.data.dataset = preset.dataset if preset else "gsm8k"
     if cfg.model.device == "auto":
         cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.model.liger is None:
-        cfg.model.liger = cfg.model.device.startswith("cuda") and liger_available()
     if cfg.rollout.max_new_tokens is None:
         cfg.rollout.max_new_tokens = preset.max_new_tokens if preset else 512
     if cfg.optim.micro_batch_tokens is None:
@@ -63,13 +62,10 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     if cfg.warmup.sft_steps is None:
         cfg.warmup.sft_steps = 300 if (cfg.model.model == "tiny" and cfg.data.dataset == "arith") else 0
     cfg.rollout.engine = resolve_engine(cfg.rollout.engine, cfg.model.device)
-    scored_at_one = cfg.loss.score_temperature == "one"
-    if cfg.loss.tis is None:
-        cfg.loss.tis = "token" if cfg.rollout.engine == "vllm" and not scored_at_one else "off"
-    if scored_at_one and cfg.loss.tis != "off":
-        raise ConfigError(f"--tis {cfg.loss.tis} with --score-temperature one: the trainer's log-probs are then of the "
-                          "untempered policy, not of the one the engine sampled from; use --score-temperature sample "
-                          "or --tis off")
+    try:
+        cfg.loss.tis = resolve_tis(cfg.loss.tis, cfg.rollout.engine, cfg.loss.score_temperature)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 
@@ -170,6 +166,8 @@ def run(cfg: TrainConfig) -> dict:
                 model.save_pretrained(str(ref_dir))
                 tok.save_pretrained(str(ref_dir))
     ref_model = _reference(cfg, model, ref_dir if have_ref else None, saved, load_kw, stream, attn)
+    if m.liger is None:  # the default: on where it can run (config.yaml keeps null = auto)
+        m.liger = wants_liger(model, str(env.device))
     if m.liger:
         for net in (model, ref_model):
             if net is not None:

@@ -48,7 +48,7 @@ from agpo.packing import micro_batches, pack, processed_tokens
 from agpo.policy import Policy, SequenceBatch
 from agpo.rewards import DEFAULT_VERIFIER, correct_many, correctness_reward, load_reward, score_batch
 from agpo.rollout import Rollout, make_engine
-from agpo.rollout.correction import importance_weights, mismatch_metrics, mismatch_sums
+from agpo.rollout.correction import importance_weights, mismatch_metrics, mismatch_sums, resolve_tis
 from agpo.schedule import PromptSampler, lr_lambda
 from agpo.stats import VOTE_KEYS, group_vote_entropy
 
@@ -123,7 +123,7 @@ class Trainer:
         self.tokens_generated = 0
         self.chat = uses_chat_template(tokenizer)
         self.engine = make_engine(cfg, self.layout, tokenizer, dtype=compute_dtype or next(model.parameters()).dtype)
-        self.tis = cfg.loss.tis or ("token" if self.engine.name == "vllm" else "off")
+        self.tis = resolve_tis(cfg.loss.tis, self.engine.name, cfg.loss.score_temperature)
         self.weights_version = 0
         """Optimiser steps taken (and checkpoints loaded): an engine with its own copy of the
         weights re-syncs when the version it holds differs."""
@@ -168,9 +168,11 @@ class Trainer:
         mismatch metrics over all ranks' tokens (none when the engine reports no log-probs, or
         when the trainer scores at temperature 1: its log-probs are then of another policy than
         the tempered one the engine sampled from, and ``resolve_defaults`` keeps TIS off)."""
-        if roll.logprobs is None or self.cfg.loss.score_temperature == "one":
+        if roll.logprobs is None:
             if self.tis != "off":
-                raise ValueError(f"--tis {self.tis}: the {roll.engine} engine reports no log-probs")
+                raise ValueError(f"--tis {self.tis}: the {roll.engine} engine reports no log-probs; pass --tis off")
+            return None, {}
+        if self.cfg.loss.score_temperature == "one":  # resolve_tis keeps TIS off here
             return None, {}
         mask = roll.batch.completion_mask
         w = importance_weights(old_logp, roll.logprobs, mask, mode=self.tis, cap=self.cfg.loss.tis_cap)

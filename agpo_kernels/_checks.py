@@ -7,6 +7,8 @@ a device-to-host synchronisation each, and run only with ``validate=True`` (the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -75,9 +77,20 @@ def check_finite(name: str, t: torch.Tensor, *, nonneg: bool = False, positive: 
         fail(name, "must be >= 0")
 
 
+def scalar(name: str, value, *, nonneg: bool = False) -> float:
+    """``value`` as a finite float (``>= 0`` with ``nonneg``), or a ValueError naming ``name``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        fail(name, f"expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (nonneg and value < 0):
+        fail(name, f"must be finite{' and >= 0' if nonneg else ''}, got {value}")
+    return value
+
+
 def scalar_positive(name: str, value) -> float:
-    value = float(value)
-    if not (value > 0 and value != float("inf")):
+    value = scalar(name, value)
+    if not value > 0:
         fail(name, f"must be finite and > 0, got {value}")
     return value
 

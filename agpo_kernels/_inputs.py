@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_device, check_finite, check_id_range, check_int_tensor, fail, scalar_positive
+from ._checks import check_device, check_finite, check_id_range, check_int_tensor, fail, scalar, scalar_positive
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -74,11 +74,7 @@ def _per_seq(name, value, num_seqs, device, validate, positive=False) -> torch.T
                        f"{tuple(value.shape)}")
         t = t.contiguous()
     else:
-        value = float(value)
-        if positive:
-            scalar_positive(name, value)
-        elif not math.isfinite(value):
-            fail(name, f"must be finite, got {value}")
+        value = scalar_positive(name, value) if positive else scalar(name, value)
         t = torch.full((num_seqs,), value, dtype=torch.float32, device=device)
     if validate:
         check_finite(name, t, positive=positive)
@@ -113,7 +109,7 @@ def _layout(hidden, targets, cu_seqlens, validate):
         fail("hidden", f"packed layout (cu_seqlens given) expects [N, D], got {tuple(hidden.shape)}")
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
             or cu_seqlens.dtype not in (torch.int32, torch.int64)):
-        fail("cu_seqlens", "expected an int32 tensor [S+1] of cumulative sequence lengths")
+        fail("cu_seqlens", "expected an int32 or int64 tensor [S+1] of cumulative sequence lengths")
     check_device("cu_seqlens", cu_seqlens, device)
     N = hidden.shape[0]
     cu = cu_seqlens.to(torch.long)
@@ -134,12 +130,11 @@ def loss_rows(hidden, vocab, targets, advantages, old_logp, *, mask, cu_seqlens,
     device = hidden.device
     if kl_estimator not in KL_ESTIMATORS:
         fail("kl_estimator", f"unknown {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
-    if dual_clip is not None and not float(dual_clip) > 1.0:
+    if dual_clip is not None and not scalar("dual_clip", dual_clip) > 1.0:
         fail("dual_clip", f"must be a float > 1 or None, got {dual_clip}")
     if loss_agg not in LOSS_AGGS:
         fail("loss_agg", f"unknown {loss_agg!r}; choose one of {', '.join(LOSS_AGGS)}")
-    if not beta >= 0:
-        fail("beta", f"must be >= 0, got {beta}")
+    beta = scalar("beta", beta, nonneg=True)
     if beta > 0 and ref_logp is None:
         fail("ref_logp", "beta > 0 needs reference log-probs (or set beta=0)")
     if max_len is not None and not max_len > 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_compute_dtype, check_head, fail
+from ._checks import check_compute_dtype, check_head, fail, scalar
 from ._inputs import loss_rows
 from .chunks import DEFAULT_MEMORY_BUDGET
 from .dispatch import engine, resolve_impl
@@ -99,7 +99,7 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                      eps_low=eps_low, eps_high=eps_high, temperature=temperature, ref_logp=ref_logp,
                      is_weight=is_weight, beta=beta, loss_agg=loss_agg, kl_estimator=kl_estimator,
                      dual_clip=dual_clip, max_len=max_len, validate=validate)
-    opts = LossOptions(beta=float(beta), kl_estimator=kl_estimator, entropy_coef=float(entropy_coef),
+    opts = LossOptions(beta=float(beta), kl_estimator=kl_estimator, entropy_coef=scalar("entropy_coef", entropy_coef),
                        dual_clip=None if dual_clip is None else float(dual_clip),
                        kl_ratio_weight=bool(kl_ratio_weight))
     impl = resolve_impl(impl, hidden.device)

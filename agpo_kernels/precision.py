@@ -44,7 +44,9 @@ def mm_out_f32(a, b, out) -> bool:
         try:
             torch.mm(a, b, out_dtype=torch.float32, out=out)
             return True
-        except (RuntimeError, TypeError):
+        except torch.OutOfMemoryError:
+            raise  # a real failure, not a missing overload: the slab path would need more
+        except (RuntimeError, TypeError):  # this torch / device has no out_dtype overload
             _OUT_DTYPE["mm"] = False
     return False
 
@@ -72,7 +74,9 @@ def addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (RuntimeError, TypeError):
+        except torch.OutOfMemoryError:
+            raise  # a real failure, not a missing overload: the slab path would need more
+        except (RuntimeError, TypeError):  # this torch / device has no out_dtype overload
             _OUT_DTYPE["addmm"] = False
     step = max(1, _SLAB_BYTES // (4 * max(b.shape[1], 1)))
     for i in range(0, a.shape[0], step):

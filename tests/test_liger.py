@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
 from agpo.config import TrainConfig  # noqa: E402
-from agpo.liger import LigerError, apply_liger  # noqa: E402
+from agpo.liger import LigerError, apply_liger, wants_liger  # noqa: E402
 from agpo.models import load_model_and_tokenizer  # noqa: E402
 from agpo.policy import Policy  # noqa: E402
 from agpo.train import resolve_defaults  # noqa: E402
@@ -69,7 +69,9 @@ def test_liger_decoder_equals_the_plain_one(interpreter_gaps):
     grads = {}
     forward = type(model).forward
     for name in ("plain", "liger"):
-        cfg = resolve_defaults(TrainConfig())
+        cfg = TrainConfig()
+        cfg.model.device, cfg.rollout.engine = "cpu", "hf"  # whatever this machine has
+        cfg = resolve_defaults(cfg)
         cfg.optim.update_epochs, cfg.model.liger = 1, name == "liger"
         net = copy.deepcopy(model)
         if name == "liger":
@@ -105,5 +107,7 @@ def test_liger_refuses_what_it_cannot_do(monkeypatch):
     other.config.model_type = "no-such-family"
     with pytest.raises(LigerError, match="no kernels for model type 'no-such-family'"):
         apply_liger(other, "cpu")
-    assert resolve_defaults(TrainConfig()).model.liger is False  # CPU run: off unless asked
+    # the default: on only where it can run (CUDA and a family Liger knows), else off, no error
+    assert not wants_liger(model, "cpu") and not wants_liger(other, "cuda")
+    assert wants_liger(model, "cuda")
     assert isinstance(Policy(model).model, type(model))

@@ -125,7 +125,9 @@ def test_update_packed_equals_padded_and_counts_tokens(tiny):
     args = loss_args(batch, "token-mean")
     runs = {}
     for packing in (True, False):
-        cfg = resolve_defaults(TrainConfig())
+        cfg = TrainConfig()
+        cfg.model.device, cfg.rollout.engine = "cpu", "hf"  # whatever this machine has
+        cfg = resolve_defaults(cfg)
         cfg.optim.update_epochs, cfg.optim.micro_batch_tokens, cfg.optim.packing = 1, 60, packing
         tr = Trainer(cfg, copy.deepcopy(model), tok, [object()])
         names = {id(p): n for n, p in tr.model.named_parameters()}

@@ -24,6 +24,20 @@ RATIO_BAND = (0.9, 1.1)
 """A token's ratio ``pi_old / mu`` outside this band counts as mismatched."""
 
 
+def resolve_tis(tis: str | None, engine: str, score_temperature: str) -> str:
+    """The TIS mode a run uses: ``tis`` as given, else token-level for the vLLM engine
+    (``off`` for HF ``generate``, which samples from the trainer's own distribution). Raises
+    ValueError for TIS on log-probs scored at temperature 1: those are of the untempered
+    policy, not of the one the engine sampled from."""
+    if tis is None:
+        tis = "token" if engine == "vllm" and score_temperature != "one" else "off"
+    if score_temperature == "one" and tis != "off":
+        raise ValueError(f"--tis {tis} with --score-temperature one: the trainer's log-probs are then of the "
+                         "untempered policy, not of the one the engine sampled from; use --score-temperature sample "
+                         "or --tis off")
+    return tis
+
+
 def importance_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, *,
                        mode: str, cap: float) -> torch.Tensor | None:
     """``[R, C]`` float32 TIS weights (0 where masked), or None for ``mode="off"``."""
