@@ -1,7 +1,7 @@
 """Run configuration: keyword-only dataclasses, a YAML file and the command line.
 
 ``TrainConfig`` holds one section per concern (model, data, rollout, optim, loss,
-controller, warmup, run). Every field is a flag of ``python -m agpo.train`` with the field
+controller, warmup, run, guard). Every field is a flag of ``python -m agpo.train`` with the field
 name in kebab case (``group_size`` -> ``--group-size``; booleans get ``--x/--no-x``); the
 names are unique across sections so no flag needs a prefix. ``--config file.yaml`` loads
 a nested mapping (``{optim: {lr: 1e-4}, rollout: {group_size: 8}}``) and flags given on
