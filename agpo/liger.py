@@ -25,6 +25,8 @@ import os
 
 from torch import nn
 
+from agpo.lora import base_model
+
 PATCHES = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
 """What is asked of Liger's ``apply_liger_kernel_to_<family>``: the decoder, not the loss."""
 
@@ -49,11 +51,7 @@ def supported_family(model: nn.Module) -> str | None:
 
 def wants_liger(model: nn.Module, device: str) -> bool:
     """The default of ``--liger``: the run is on CUDA and Liger has kernels for the model."""
-    return str(device).startswith("cuda") and supported_family(_base(model)) is not None
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(device).startswith("cuda") and supported_family(base_model(model)) is not None
 
 
 def apply_liger(model: nn.Module, device: str = "cuda") -> str:
@@ -66,7 +64,7 @@ def apply_liger(model: nn.Module, device: str = "cuda") -> str:
                          "pass --no-liger")
     if not liger_available():
         raise LigerError("--liger: liger-kernel is not installed (pip install liger-kernel), or pass --no-liger")
-    base = _base(model)
+    base = base_model(model)
     family = supported_family(base)
     if family is None:
         raise LigerError(f"--liger: Liger-Kernel has no kernels for model type "

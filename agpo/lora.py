@@ -19,6 +19,11 @@ from torch import nn
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (the model itself when not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def apply_lora(model: nn.Module, *, rank: int, alpha: float | None = None, dropout: float = 0.0,
                target_modules=None, adapter_name: str = "default"):
     """Wrap an HF causal LM in a peft ``PeftModel`` with LoRA adapters of ``rank``.
@@ -52,7 +57,7 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """peft's LoRA layers by their name relative to the base HF model."""
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
 
 
@@ -78,7 +83,7 @@ def merged_state_for_export(model: nn.Module, state_dict: dict[str, torch.Tensor
     """
     layers = lora_layers(model)
     if state_dict is None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         state_dict = {k: v.detach() for k, v in base.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():

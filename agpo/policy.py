@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from agpo.lora import base_model
 from agpo.packing import PackedBatch
 from agpo_kernels import agpo_loss, linear_logprobs
 
@@ -65,7 +66,7 @@ class SequenceBatch:
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """``(decoder, lm_head)`` of a causal LM (also through a peft wrapper)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
     if head is None or decoder is None or decoder is base:

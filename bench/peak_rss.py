@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from cases import CPU_SHAPES, GPU_SHAPES, MEMORY_SHAPES, Shape, loss_fn, make_inputs  # noqa: E402
 
 
-def _status_mib(field: str) -> float:
+def status_mib(field: str) -> float:
+    """A ``/proc/self/status`` size field (VmRSS, VmHWM) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -32,7 +33,7 @@ def _status_mib(field: str) -> float:
 
 
 def rss_mib() -> float:
-    return _status_mib("VmRSS")
+    return status_mib("VmRSS")
 
 
 def reset_peak() -> None:
@@ -53,7 +54,7 @@ def measure(shape: Shape, impl: str, dtype=torch.float32, **loss_kw) -> dict:
     reset_peak()
     before = rss_mib()
     f(x).backward()  # .grad was None: the returned gradients become .grad without a copy
-    peak = max(_status_mib("VmHWM") - before, 0.0)
+    peak = max(status_mib("VmHWM") - before, 0.0)
     return dict(shape=shape.name, N=shape.N, D=shape.D, V=shape.V, impl=impl, peak_extra_mib=round(peak, 1),
                 grads_mib=round(grads_mib, 1), beyond_grads_mib=round(peak - grads_mib, 1), **loss_kw)
 

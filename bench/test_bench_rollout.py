@@ -26,19 +26,12 @@ from agpo.data import format_prompt, load_problems, uses_chat_template
 from agpo.models import load_model_and_tokenizer
 from agpo.train import resolve_defaults
 from agpo.trainer import Trainer
+from peak_rss import status_mib
 
 MODEL = os.environ.get("AGPO_BENCH_ROLLOUT_MODEL", "smollm2-135m")
 PROMPTS = int(os.environ.get("AGPO_BENCH_ROLLOUT_PROMPTS", "8"))
 TOKENS = int(os.environ.get("AGPO_BENCH_ROLLOUT_TOKENS", "64"))
 G = 4
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
@@ -56,7 +49,7 @@ def test_rollout(benchmark, engine):
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS (Linux >= 4.0)
         f.write("5")
-    rss0 = _status_mib("VmRSS")
+    rss0 = status_mib("VmRSS")
     model, tok = load_model_and_tokenizer(MODEL, device=cfg.model.device)
     problems = load_problems(cfg.data, split="train")
     t0 = time.perf_counter()
@@ -82,6 +75,6 @@ def test_rollout(benchmark, engine):
         "group_size": G, "max_new_tokens": TOKENS,
         "generated_tokens": statistics.median(r.generated_tokens for r in rolls),
         "generate_tokens_per_s": statistics.median(r.generated_tokens / r.seconds for r in rolls),
-        "weight_sync_s": first.sync_seconds, "engine_start_s": start_s, "peak_rss_mib": _status_mib("VmHWM") - rss0,
+        "weight_sync_s": first.sync_seconds, "engine_start_s": start_s, "peak_rss_mib": status_mib("VmHWM") - rss0,
         "threads": torch.get_num_threads()})
     tr.close()

@@ -27,6 +27,7 @@ from agpo.models import ModelNotFoundError, load_model_and_tokenizer
 from agpo.policy import SequenceBatch
 from agpo.train import resolve_defaults
 from agpo.trainer import Trainer
+from peak_rss import status_mib
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LIGER = [False, True] if DEVICE == "cuda" else [False]
@@ -39,22 +40,14 @@ def _peak_reset() -> float:
         return torch.cuda.memory_allocated() / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    return _status_mib("VmRSS")
+    return status_mib("VmRSS")
 
 
 def _peak_growth(base: float) -> float:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20 - base
-    return _status_mib("VmHWM") - base
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
+    return status_mib("VmHWM") - base
 
 
 def realistic_batch(vocab: int, rows: int = 32, cap: int = 256, seed: int = 0) -> SequenceBatch:

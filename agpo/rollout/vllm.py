@@ -39,6 +39,7 @@ import weakref
 
 import torch
 
+from agpo.lora import base_model
 from agpo.rollout.base import Rollout, RolloutEngine, assemble, check_request, stop_ids
 from agpo.rollout.noise import row_keys
 from agpo.rollout.weights import policy_weights
@@ -91,10 +92,6 @@ def _temperature(tau: float) -> float:
     return float(tau) if tau >= MIN_TEMPERATURE else 0.0
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class VLLMEngine(RolloutEngine):
     """A colocated vLLM engine that samples from the policy's current weights."""
 
@@ -117,7 +114,7 @@ class VLLMEngine(RolloutEngine):
         self.sleep_level = sleep_level
         self.can_sleep = bool(current_platform.is_sleep_mode_available())
         on_cpu = self.env.device.type == "cpu"
-        base = _base(layout.model)
+        base = base_model(layout.model)
         self.eos_ids, self.pad_id = stop_ids(base, tokenizer)
         # the engine's model folder: config, generation config and tokenizer; no weights
         self.folder = tempfile.mkdtemp(prefix="agpo-vllm-")

@@ -25,6 +25,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from agpo.lora import base_model
+
 
 def _full(p: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a parameter that may be an FSDP2 shard (collective then)."""
@@ -62,7 +64,7 @@ def policy_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(HF checkpoint name, full tensor)`` for every parameter of ``model`` (a plain HF
     causal LM or a peft model around one), LoRA merged in, FSDP2 shards gathered one
     parameter at a time (see the module docstring)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     lora = _lora_classes()
     skip: list[str] = []
     for name, module in base.named_modules():
