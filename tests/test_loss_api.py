@@ -251,7 +251,9 @@ def test_bf16_hidden_with_fp32_weight_computes_in_bf16(impl, backward):
     o_dw, = torch.autograd.grad(o_loss, o_w)
     assert rel(dw, o_dw) <= rel(dw16, o_dw) + 1e-6             # accumulated in fp32: no worse
     loss32, _ = loss_call(p, [h, W32], impl, backward, compute_dtype=torch.float32, **kw)
-    assert (loss32 - loss).abs().item() > 1e-3 * (loss16 - loss).abs().item() + 1e-7  # fp32 is another head
+    # fp32 is another head: it differs from the bf16 one by bf16 rounding (2e-4 to 5e-3 of the
+    # loss measured), far beyond fp32 rounding (~1e-7 of it)
+    assert (loss32 - loss).abs().item() > 1e-5 * loss.abs().item()
     # Under autocast, fp32 inputs follow the autocast dtype, gradients stay fp32.
     h32 = p["h"].float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=DEVICE == "cpu"), \
