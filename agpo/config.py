@@ -161,9 +161,12 @@ class OptimConfig:
     micro_batch_tokens: int | None = None
     """Tokens per forward/backward micro-batch (None: the preset's): real prompt + completion
     tokens when packing, padded positions otherwise (scoring passes take twice as many)."""
-    packing: bool = True
+    packing: bool | None = None
     """Pack each micro-batch's sequences into one row with restarting positions (no padding is
-    computed: agpo.packing); --no-packing runs padded rows."""
+    computed: agpo.packing); --no-packing runs padded rows. None: packed where the attention
+    is varlen (flash-attn), padded with SDPA or eager attention, whose block-diagonal mask
+    over a packed row costs the square of the whole row's length (measured slower than
+    padding on a CPU: bench/results/cpu-2026-12-01-training.md)."""
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "update_epochs", "micro_batch_tokens")

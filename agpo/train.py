@@ -135,6 +135,8 @@ def run(cfg: TrainConfig) -> dict:
     preset = PRESETS.get(m.model)
     compute = resolve_dtype(m.dtype, str(env.device), preset)
     attn = resolve_attn(m.attn, str(env.device), compute, preset)  # for the device it will run on
+    if cfg.optim.packing is None:  # packing pays where attention is varlen (agpo.packing)
+        cfg.optim.packing = attn == "flash_attention_2"
     # torchrun on GPUs: load on the CPU in the compute dtype; sharding moves each rank's
     # shards to its GPU (upcast to fp32 master weights on the way, agpo.parallel)
     sharded_gpu = env.distributed and env.device.type == "cuda"
