@@ -143,11 +143,8 @@ class Policy(nn.Module):
             logp = hidden.new_zeros(mask.shape, dtype=torch.float32)
             ent = torch.zeros_like(logp)
             if mask.any():  # only the tokens that count are projected
-                h, y = hidden[mask], batch.completion_ids[mask]
-                kw = dict(bias=bias, impl=self.impl, memory_budget=self.memory_budget)
-                logp[mask], ent[mask] = linear_logprobs(h, weight, y, temperature=temp[mask], **kw)
-                if entropy_temperature is not None and not bool((temp[mask] == entropy_temperature).all()):
-                    ent[mask] = linear_logprobs(h, weight, y, temperature=entropy_temperature, **kw)[1]
+                logp[mask], ent[mask] = self._score(hidden[mask], weight, bias, batch.completion_ids[mask],
+                                                    temp[mask], entropy_temperature)
             return logp, ent
         return agpo_loss(hidden, weight, batch.completion_ids, mask=mask, temperature=batch.temperature,
                          bias=bias, impl=self.impl, memory_budget=self.memory_budget, **loss_args)
@@ -166,8 +163,15 @@ class Policy(nn.Module):
         logp = hidden.new_zeros(packed.token_mask.shape, dtype=torch.float32)
         ent = torch.zeros_like(logp)
         if packed.targets.numel():
-            lp, h = linear_logprobs(hidden, weight, packed.targets, temperature=temp, **kw)
-            if entropy_temperature is not None and not bool((temp == entropy_temperature).all()):
-                h = linear_logprobs(hidden, weight, packed.targets, temperature=entropy_temperature, **kw)[1]
-            logp[packed.token_mask], ent[packed.token_mask] = lp, h
+            logp[packed.token_mask], ent[packed.token_mask] = self._score(
+                hidden, weight, bias, packed.targets, temp, entropy_temperature)
+        return logp, ent
+
+    def _score(self, hidden, weight, bias, targets, temp, entropy_temperature):
+        """``(logp, entropy)`` of ``[N]`` tokens at their temperatures ``temp [N]``; the entropy
+        at ``entropy_temperature`` instead when given (one more pass of the head if it differs)."""
+        kw = dict(bias=bias, impl=self.impl, memory_budget=self.memory_budget)
+        logp, ent = linear_logprobs(hidden, weight, targets, temperature=temp, **kw)
+        if entropy_temperature is not None and not bool((temp == entropy_temperature).all()):
+            ent = linear_logprobs(hidden, weight, targets, temperature=entropy_temperature, **kw)[1]
         return logp, ent
