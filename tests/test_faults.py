@@ -32,7 +32,8 @@ from agpo.metrics_log import read_metrics
 from agpo.models import load_model_and_tokenizer
 from agpo.rewards import DEFAULT_VERIFIER, RewardError
 from agpo.train import main, resolve_defaults, run
-from agpo.trainer import TIME_KEYS, Trainer
+from agpo.trainer import Trainer
+from test_train_scale import rows
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = ROOT / "tests" / "fixtures" / "fault_rewards.py"
@@ -47,10 +48,6 @@ def cfg_for(out_dir: Path, **run_kw) -> TrainConfig:
     for k, v in run_kw.items():
         setattr(cfg.run, k, v)
     return resolve_defaults(cfg)
-
-
-def rows(run_dir) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in read_metrics(run_dir)]
 
 
 def steps_saved(run_dir) -> list[int]:
