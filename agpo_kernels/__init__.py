@@ -14,11 +14,24 @@ bounded memory, any device), "triton" (GPU kernels; CPU via ``TRITON_INTERPRET=1
 gradients during the forward call (``backward="forward"``, 6NDV) or recomputes logits in
 the backward (``backward="recompute"``, 8NDV). SPEC section 2 has the math,
 docs/kernels.md the designs.
+
+Layers, each importing only those below it (tests/test_layout.py checks it):
+
+- public: ``agpo_loss``, ``linear_logprobs``, ``reference``, ``integrations`` (these may
+  use ``agpo.algo`` alone of the training package);
+- ``dispatch``: which engine runs a call, and the probe of "auto";
+- designs: ``fused_loss`` (forward-gradient), ``recompute``, ``surrogate`` (autograd
+  objective); they receive the engine as an argument;
+- engines: ``torch_engine/``, ``triton_engine/``;
+- shared: ``inputs`` (argument checks and layouts), ``chunks``, ``partials``,
+  ``precision``, ``epilogue``.
+
+Nothing here imports the ``agpo`` training package outside ``integrations``.
 """
 
-from .agpo_loss import AGPOLoss, agpo_loss
-from .linear_logprobs import linear_logprobs
-from .reference import linear_stats_reference
+from agpo_kernels.agpo_loss import AGPOLoss, agpo_loss
+from agpo_kernels.linear_logprobs import linear_logprobs
+from agpo_kernels.reference import linear_stats_reference
 
 __all__ = ["linear_logprobs", "agpo_loss", "AGPOLoss", "linear_stats_reference"]
 __version__ = "0.1.0"

@@ -11,17 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_compute_dtype, check_head, fail, scalar
-from ._inputs import loss_rows
-from .chunks import DEFAULT_MEMORY_BUDGET
-from .dispatch import engine, resolve_impl
-from .epilogue import LossOptions
-from .fused_loss import fused_agpo_loss
-from .partials import shard
-from .precision import no_autocast, resolve_compute_dtype
-from .recompute import linear_stats_recompute
-from .reference import linear_stats_reference
-from .surrogate import agpo_objective
+from agpo_kernels.chunks import DEFAULT_MEMORY_BUDGET
+from agpo_kernels.dispatch import engine, resolve_impl
+from agpo_kernels.epilogue import LossOptions
+from agpo_kernels.fused_loss import fused_agpo_loss
+from agpo_kernels.inputs import check_compute_dtype, check_head, fail, loss_rows, scalar
+from agpo_kernels.partials import shard
+from agpo_kernels.precision import no_autocast, resolve_compute_dtype
+from agpo_kernels.recompute import linear_stats_recompute
+from agpo_kernels.reference import linear_stats_reference
+from agpo_kernels.surrogate import agpo_objective
 
 BACKWARDS = ("forward", "recompute")
 

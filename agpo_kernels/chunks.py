@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .precision import addmm_acc
+from agpo_kernels.precision import addmm_acc
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 

@@ -1,7 +1,7 @@
 """Ahead-of-time build of every shipped Triton kernel configuration, without a GPU.
 
 ``python -m agpo_kernels.compile_report [--json]`` compiles each entry of
-``triton_config.SHIPPED`` (and the variants in ``VARIANTS``) for sm_80, sm_90, sm_100 and
+``triton_engine.config.SHIPPED`` (and the variants in ``VARIANTS``) for sm_80, sm_90, sm_100 and
 sm_120 with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` and reads the cubin
 with the ``cuobjdump`` that ships in the triton wheel: registers, stack (spills), shared
 memory, and whether the SASS uses wgmma (``HGMMA``, sm_90), tcgen05 (``UTC*MMA``, sm_100),
@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .triton_config import ARCHS, SHIPPED, VARIANTS, dot_precision
+from agpo_kernels.triton_engine.config import ARCHS, SHIPPED, VARIANTS, dot_precision
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 # Shared memory per block that each architecture allows (bytes).
@@ -38,9 +38,9 @@ _DIVISIBLE = {"h_ptr", "w_ptr", "b_ptr", "y_ptr", "invt_ptr", "part_ptr", "lse_p
 
 
 def _signature(kind: str, dtype: torch.dtype) -> tuple[object, dict]:
-    from .triton_bwd import _dlogits_kernel
-    from .triton_fwd import _fwd_stats_kernel
-    from .triton_rows import _loss_rows_kernel
+    from agpo_kernels.triton_engine.bwd import _dlogits_kernel
+    from agpo_kernels.triton_engine.fwd import _fwd_stats_kernel
+    from agpo_kernels.triton_engine.rows import _loss_rows_kernel
 
     p = _PTR[dtype]
     if kind == "fwd":

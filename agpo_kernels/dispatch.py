@@ -1,7 +1,7 @@
 """Chooses the implementation behind the public API.
 
-"reference": naive eager (the oracle); "torch": the tiled PyTorch engine (``torch_tiled``);
-"triton": the Triton engine (``triton_impl``); "auto": Triton on a CUDA device where it
+"reference": naive eager (the oracle); "torch": the tiled PyTorch engine (``torch_engine``);
+"triton": the Triton engine (``triton_engine``); "auto": Triton on a CUDA device where it
 works, else torch. "Where it works" is probed once per device: Triton importable, a GPU
 of compute capability 8.0 or newer (bf16/tf32 tensor cores), and the kernels compiling and
 running on a tiny problem. A device that fails the probe falls back to torch with one
@@ -15,7 +15,12 @@ import warnings
 
 import torch
 
-from ._checks import fail
+from agpo_kernels.chunks import DEFAULT_MEMORY_BUDGET
+from agpo_kernels.epilogue import LossOptions
+from agpo_kernels.fused_loss import fused_agpo_loss
+from agpo_kernels.inputs import fail, loss_rows
+from agpo_kernels.recompute import linear_stats_recompute
+from agpo_kernels.torch_engine import engine as torch_engine
 
 IMPLS = ("auto", "reference", "torch", "triton")
 
@@ -23,7 +28,7 @@ IMPLS = ("auto", "reference", "torch", "triton")
 @functools.lru_cache(maxsize=1)
 def triton_import_error() -> str | None:
     try:
-        from . import triton_impl  # noqa: F401
+        from agpo_kernels.triton_engine import engine  # noqa: F401
     except Exception as exc:  # triton missing or broken: fall back, never crash "auto"
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -34,22 +39,29 @@ def triton_available() -> bool:
 
 
 def _probe(device: torch.device) -> None:
-    """Raises if the Triton kernels cannot run on ``device``."""
+    """Raises if the Triton kernels cannot run on ``device``: both designs on a tiny problem,
+    forward and backward, through the same design functions the public API calls (this
+    module sits below the public layer and never imports it)."""
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         raise RuntimeError(f"compute capability {major}.{minor} < 8.0 (the kernels need bf16/tf32 tensor cores)")
-    from .agpo_loss import agpo_loss
-    from .linear_logprobs import linear_logprobs
-
+    tri = engine("triton")
     # Whatever the caller's mode (no_grad, inference_mode, autocast), the probe needs grads.
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False):
         g = torch.Generator(device="cpu").manual_seed(0)
-        h = torch.randn(1, 3, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
+        h = torch.randn(3, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
         w = torch.randn(67, 32, generator=g).to(device, torch.bfloat16).requires_grad_()
-        y = torch.randint(0, 67, (1, 3), generator=g).to(device)
-        lp, ent = linear_logprobs(h, w, y, impl="triton")
+        y = torch.randint(0, 67, (3,), generator=g).to(device)
+        lp, ent = linear_stats_recompute(h, w, None, y, torch.ones(3, device=device), engine=tri,
+                                         memory_budget=DEFAULT_MEMORY_BUDGET, process_group=None)
         (lp.sum() + ent.sum()).backward()
-        loss, _ = agpo_loss(h, w, y, torch.ones(1, device=device), None, impl="triton")
+        hb = h.view(1, 3, 32)
+        rows = loss_rows(hb, 67, y.view(1, 3), torch.ones(1, device=device), None, mask=None,
+                         cu_seqlens=None, eps_low=0.2, eps_high=None, temperature=1.0, ref_logp=None,
+                         is_weight=None, beta=0.0, loss_agg="token-mean", kl_estimator="k3", dual_clip=None,
+                         max_len=None, validate=True)
+        loss, _, _ = fused_agpo_loss(hb, w, None, rows, LossOptions(), engine=tri, compute_dtype=torch.bfloat16,
+                                     memory_budget=DEFAULT_MEMORY_BUDGET, process_group=None)
         loss.backward()
         torch.cuda.synchronize(device)
 
@@ -91,10 +103,11 @@ def _warn_once(device: torch.device, why: str) -> None:
 def engine(impl: str):
     """The module implementing ``impl`` ("torch" or "triton")."""
     if impl == "torch":
-        from . import torch_tiled
-        return torch_tiled
+        return torch_engine
     if triton_import_error() is not None:
         fail("impl", f"'triton' requested but triton could not be imported ({triton_import_error()}); "
                      "install triton or use impl='torch'")
-    from . import triton_impl
-    return triton_impl
+    from agpo_kernels.triton_engine import (
+        engine as triton_engine,  # triton may be missing: imported on demand
+    )
+    return triton_engine

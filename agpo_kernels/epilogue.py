@@ -12,7 +12,7 @@ autograd (SPEC section 2):
     l     = -isw surr + beta kl - ent_coef H
     loss_row = w l,  g_lp = w (-isw dsurr + beta dkl),  g_H = -w ent_coef
 
-It is the torch twin of ``triton_epilogue.agpo_epilogue`` and is tested, like it, against
+It is the torch twin of ``triton_engine.epilogue.agpo_epilogue`` and is tested, like it, against
 autograd through ``surrogate.agpo_objective`` in float64.
 """
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import refuse_double_backward
-from .chunks import HeadGrads, HiddenRows, rows_per_chunk
-from .partials import shard
+from agpo_kernels.chunks import HeadGrads, HiddenRows, rows_per_chunk
+from agpo_kernels.inputs import refuse_double_backward
+from agpo_kernels.partials import shard
 
 
 def forward_gradient(hidden, weight, bias, rows, opts, *, engine, compute_dtype, memory_budget, process_group,

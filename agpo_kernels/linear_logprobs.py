@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_compute_dtype, check_head, fail
-from ._inputs import logprob_rows, scatter_rows
-from .chunks import DEFAULT_MEMORY_BUDGET
-from .dispatch import engine, resolve_impl
-from .partials import shard
-from .precision import no_autocast, resolve_compute_dtype
-from .recompute import linear_stats_recompute
-from .reference import linear_stats_reference
+from agpo_kernels.chunks import DEFAULT_MEMORY_BUDGET
+from agpo_kernels.dispatch import engine, resolve_impl
+from agpo_kernels.inputs import (
+    check_compute_dtype,
+    check_head,
+    fail,
+    logprob_rows,
+    scatter_rows,
+)
+from agpo_kernels.partials import shard
+from agpo_kernels.precision import no_autocast, resolve_compute_dtype
+from agpo_kernels.recompute import linear_stats_recompute
+from agpo_kernels.reference import linear_stats_reference
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._checks import fail
+from agpo_kernels.inputs import fail
 
 
 def merge_partials(part: torch.Tensor):

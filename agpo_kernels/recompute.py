@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import refuse_double_backward
-from .partials import gather_partials, merge_partials, shard
+from agpo_kernels.inputs import refuse_double_backward
+from agpo_kernels.partials import gather_partials, merge_partials, shard
 
 
 class _RecomputeStats(torch.autograd.Function):

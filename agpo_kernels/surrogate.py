@@ -2,7 +2,7 @@
 
 The O(N) reference formulation: plain differentiable torch on ``[N]`` vectors. It is what
 ``impl="reference"`` and the recompute design (``backward="recompute"``) run, and the
-oracle that the closed-form epilogues (``epilogue.py``, ``triton_epilogue.py``) of the
+oracle that the closed-form epilogues (``epilogue.py``, ``triton_engine/epilogue.py``) of the
 forward-gradient design are tested against: autograd through this function yields the two
 per-token gradient scalars ``g_lp = dloss/dlogp`` and ``g_H = dloss/dH``.
 """
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import fail
-from ._inputs import KL_ESTIMATORS
+from agpo_kernels.inputs import KL_ESTIMATORS, fail
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:

@@ -17,9 +17,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
+from oracle import oracle_loss  # noqa: E402  (the tests' float64 oracle)
 
 from agpo_kernels import agpo_loss  # noqa: E402
-from oracle import oracle_loss  # noqa: E402  (the tests' float64 oracle)
 
 
 def rel(a, b):

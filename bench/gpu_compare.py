@@ -24,7 +24,6 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-
 from cases import GPU_SHAPES, flops, loss_fn, make_inputs  # noqa: E402
 
 GiB = 2**30
@@ -62,8 +61,8 @@ def matmul_rate(shape) -> float:
 
 
 def run_variant(x, impl, kw, triton_gemm, reps):
-    from agpo_kernels import triton_impl
-    from agpo_kernels.triton_bwd import logits_triton
+    from agpo_kernels.triton_engine import engine as triton_impl
+    from agpo_kernels.triton_engine.bwd import logits_triton
 
     saved = triton_impl.logits
     if triton_gemm:

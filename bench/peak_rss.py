@@ -19,7 +19,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-
 from cases import CPU_SHAPES, GPU_SHAPES, MEMORY_SHAPES, Shape, loss_fn, make_inputs  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """GPU only: times alternative tile configurations and budgets of the recompute design's
-Triton kernels on one LM-head shape, to choose what triton_config ships. Prints Markdown.
+Triton kernels on one LM-head shape, to choose what triton_engine/config.py ships. Prints Markdown.
 
 ``python bench/sweep_triton.py [SHAPE]`` (default qwen2.5-14b).
 """
@@ -11,12 +11,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from cases import GPU_SHAPES, flops  # noqa: E402
 
 from agpo_kernels.partials import merge_partials  # noqa: E402
-from agpo_kernels.triton_bwd import bwd_grads  # noqa: E402
-from agpo_kernels.triton_config import bwd_config, fwd_config  # noqa: E402
-from agpo_kernels.triton_fwd import fwd_partials  # noqa: E402
-from cases import GPU_SHAPES, flops  # noqa: E402
+from agpo_kernels.triton_engine.bwd import bwd_grads  # noqa: E402
+from agpo_kernels.triton_engine.config import bwd_config, fwd_config  # noqa: E402
+from agpo_kernels.triton_engine.fwd import fwd_partials  # noqa: E402
 
 FWD = [dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),

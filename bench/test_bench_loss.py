@@ -14,8 +14,7 @@ import sys
 
 import pytest
 import torch
-
-from cases import CPU_SHAPES, GPU_SHAPES, flops, loss_fn, logprobs_fn, make_inputs
+from cases import CPU_SHAPES, GPU_SHAPES, flops, logprobs_fn, loss_fn, make_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -20,13 +20,13 @@ import time
 
 import pytest
 import torch
+from peak_rss import status_mib
 
 from agpo.config import TrainConfig
-from agpo.data import format_prompt, load_problems, uses_chat_template
+from agpo.learn.launch import resolve_defaults
+from agpo.learn.trainer import Trainer
 from agpo.models import load_model_and_tokenizer
-from agpo.train import resolve_defaults
-from agpo.trainer import Trainer
-from peak_rss import status_mib
+from agpo.tasks.data import format_prompt, load_problems, uses_chat_template
 
 MODEL = os.environ.get("AGPO_BENCH_ROLLOUT_MODEL", "smollm2-135m")
 PROMPTS = int(os.environ.get("AGPO_BENCH_ROLLOUT_PROMPTS", "8"))

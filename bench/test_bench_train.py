@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from agpo.config import TrainConfig
-from agpo.data import load_problems
+from agpo.learn.launch import resolve_defaults
+from agpo.learn.policy import Policy
+from agpo.learn.sft import supervised_warmup
+from agpo.learn.trainer import Trainer
 from agpo.models import load_model_and_tokenizer
-from agpo.policy import Policy
-from agpo.sft import supervised_warmup
-from agpo.train import resolve_defaults
-from agpo.trainer import Trainer
+from agpo.tasks.data import load_problems
 
 PHASES = {"generate": ("time/generate", "time/generate_probe"), "score": ("time/score",), "update": ("time/update",)}
 RATES = {"generate": "perf/generate_tokens_per_s", "score": "perf/score_tokens_per_s",

@@ -20,14 +20,14 @@ import statistics
 
 import pytest
 import torch
+from peak_rss import status_mib
 
 from agpo.config import TrainConfig
-from agpo.data import load_problems
+from agpo.learn.batches import SequenceBatch
+from agpo.learn.launch import resolve_defaults
+from agpo.learn.trainer import Trainer
 from agpo.models import ModelNotFoundError, load_model_and_tokenizer
-from agpo.policy import SequenceBatch
-from agpo.train import resolve_defaults
-from agpo.trainer import Trainer
-from peak_rss import status_mib
+from agpo.tasks.data import load_problems
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LIGER = [False, True] if DEVICE == "cuda" else [False]
@@ -86,7 +86,7 @@ def _trainer(model, tok, packing: bool, liger: bool = False, **over) -> Trainer:
                 setattr(section, k, v)
     model = copy.deepcopy(model)
     if liger:
-        from agpo.liger import apply_liger
+        from agpo.scale.liger import apply_liger
         apply_liger(model, DEVICE)
     return Trainer(resolve_defaults(cfg), model, tok, load_problems(cfg.data, split="train"))
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig
 
-from agpo.controllers import ControllerConfig
+from agpo.algo.controllers import ControllerConfig
 from agpo_kernels.integrations.trl import AGPOControllerCallback, AGPOGRPOTrainer
 
 # A tiny model and tokenizer, saved to a folder as TRL loads the reference model by path.

@@ -1,4 +1,4 @@
-"""AGPO controllers (agpo.controllers) against a plain-Python oracle of SPEC section 1."""
+"""AGPO controllers (agpo.algo.controllers) against a plain-Python oracle of SPEC section 1."""
 
 import ast
 import copy
@@ -11,9 +11,17 @@ from collections import Counter
 import pytest
 import torch
 
-from agpo import controllers
-from agpo.controllers import (AGPOController, ControllerConfig, adaptive_clip, centre_uncertainty,
-                              entropy_ratio, step_kl, temperature, uncertainty)
+from agpo.algo import controllers
+from agpo.algo.controllers import (
+    AGPOController,
+    ControllerConfig,
+    adaptive_clip,
+    centre_uncertainty,
+    entropy_ratio,
+    step_kl,
+    temperature,
+    uncertainty,
+)
 
 PAPER = dict(baseline_min=0.0)
 """The paper's formulas (SPEC section 1): no floor on the uncertainty baseline (the project's

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agpo.data import DataError, Problem, format_prompt, load_problems, read_file
-from agpo.generators import arith_split_pairs, split_seed
 from agpo.models import build_char_tokenizer
+from agpo.tasks.data import DataError, Problem, format_prompt, load_problems, read_file
+from agpo.tasks.generators import arith_split_pairs, split_seed
 
 FIX = Path(__file__).parent / "fixtures"
 needs_rg = pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning-gym missing")

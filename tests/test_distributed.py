@@ -1,4 +1,4 @@
-"""Distributed building blocks (agpo.distributed, agpo.lora) on CPU with gloo.
+"""Distributed building blocks (agpo.scale.distributed, agpo.scale.lora) on CPU with gloo.
 
 The 2-rank parts run this same file as a torchrun worker script
 (``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_distributed.py
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 import errno
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import importlib.util
 
 import pytest
 import torch
@@ -30,11 +29,26 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agpo.distributed import (DistEnv, all_reduce_mean, all_reduce_sum, apply_activation_checkpointing,  # noqa: E402
-                              barrier, broadcast_object, device_mesh, export_hf, gather_objects,
-                              init_distributed, load_sharded, on_rank0, save_sharded, shard_model,
-                              shutdown_distributed, unsharded)
 from tolerance import assert_close_scaled, rounding_tol  # noqa: E402
+
+from agpo.scale.distributed import (  # noqa: E402
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    barrier,
+    broadcast_object,
+    device_mesh,
+    export_hf,
+    gather_objects,
+    init_distributed,
+    load_sharded,
+    on_rank0,
+    save_sharded,
+    shard_model,
+    shutdown_distributed,
+    unsharded,
+)
 
 LR = 1e-2
 ROWS = 4
@@ -263,7 +277,7 @@ def _rank0_write_fails():
 
 def worker_lora(env: DistEnv, out: Path, res: dict, tok, batch, prompts) -> None:
     """(e') LoRA under FSDP: sharded step == single-process step, only adapters move."""
-    from agpo.lora import apply_lora
+    from agpo.scale.lora import apply_lora
     _, base_ref = tiny()
     _, base = tiny()
     torch.manual_seed(5)                                # lora_A is initialised from the global RNG
@@ -468,7 +482,13 @@ def test_lora_under_fsdp(two_rank):
 @pytest.mark.timeout(60)
 def test_lora_single_process(tmp_path):
     from transformers import AutoModelForCausalLM
-    from agpo.lora import adapters_disabled, apply_lora, merged_state_for_export, trainable_parameter_report
+
+    from agpo.scale.lora import (
+        adapters_disabled,
+        apply_lora,
+        merged_state_for_export,
+        trainable_parameter_report,
+    )
     tok, hf = tiny()
     base_copy = copy.deepcopy(hf)
     peft_model = apply_lora(hf, rank=4, alpha=8)
@@ -508,7 +528,7 @@ def test_lora_single_process(tmp_path):
 @needs_peft
 @pytest.mark.timeout(60)
 def test_lora_fp32_adapters_on_bf16_base():
-    from agpo.lora import apply_lora, upcast_adapters
+    from agpo.scale.lora import apply_lora, upcast_adapters
     tok, hf = tiny()
     m = upcast_adapters(apply_lora(hf.to(torch.bfloat16), rank=4))
     assert {p.dtype for n, p in m.named_parameters() if ".lora_" in n} == {torch.float32}

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agpo.data import Problem, load_problems
-from agpo.eval import default_max_new_tokens, evaluate, main, majority, task_options
+from agpo.eval import main
 from agpo.models import load_model_and_tokenizer
+from agpo.tasks.data import Problem, load_problems, task_options
+from agpo.tasks.evaluate import default_max_new_tokens, evaluate, majority
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"

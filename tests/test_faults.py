@@ -22,18 +22,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from agpo import checkpoint as ckpt
-from agpo.config import TrainConfig
-from agpo.data import load_problems
-from agpo.dcp_safe import SafeLoadPlanner, check_folder, read_extra
-from agpo.guard import EXIT_CHECKPOINT_WRITE, EXIT_DIVERGED, EXIT_USAGE, GuardConfig
-from agpo.metrics_log import read_metrics
-from agpo.models import load_model_and_tokenizer
-from agpo.rewards import DEFAULT_VERIFIER, RewardError
-from agpo.train import main, resolve_defaults, run
-from agpo.trainer import Trainer
 from test_train_scale import rows
+
+from agpo.config import TrainConfig
+from agpo.learn.launch import resolve_defaults, run
+from agpo.learn.trainer import Trainer
+from agpo.models import load_model_and_tokenizer
+from agpo.runtime import checkpoint as ckpt
+from agpo.runtime.guard import (
+    EXIT_CHECKPOINT_WRITE,
+    EXIT_DIVERGED,
+    EXIT_USAGE,
+    GuardConfig,
+)
+from agpo.runtime.metrics_log import read_metrics
+from agpo.scale.dcp_safe import SafeLoadPlanner, check_folder, read_extra
+from agpo.tasks.data import load_problems
+from agpo.tasks.rewards import DEFAULT_VERIFIER, RewardError
+from agpo.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = ROOT / "tests" / "fixtures" / "fault_rewards.py"

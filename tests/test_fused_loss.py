@@ -6,10 +6,10 @@ impl="triton" runs in the CPU interpreter when there is no GPU (see conftest.py)
 
 import pytest
 import torch
-
-from agpo_kernels import AGPOLoss, agpo_loss, linear_logprobs
 from conftest import DEVICE
 from oracle import oracle_loss, oracle_stats
+
+from agpo_kernels import AGPOLoss, agpo_loss, linear_logprobs
 
 IMPLS = ["reference", "torch", "triton"]
 # agpo_loss: (impl, backward) pairs; "reference" is eager autograd whatever the design.

@@ -1,4 +1,4 @@
-"""Liger-Kernel's decoder kernels on the policy (agpo.liger), run in Triton's CPU interpreter.
+"""Liger-Kernel's decoder kernels on the policy (agpo.scale.liger), run in Triton's CPU interpreter.
 
 Two gaps of the interpreter (triton 3.9) keep Liger's kernels from running there as they
 are, and ``interpreter_gaps`` fills them for the test only: float scalar arguments reach
@@ -17,16 +17,16 @@ pytest.importorskip("liger_kernel")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from test_packing import loss_args, uneven_batch  # noqa: E402
+from tolerance import assert_close_scaled  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
 from agpo.config import TrainConfig  # noqa: E402
-from agpo.liger import LigerError, apply_liger, wants_liger  # noqa: E402
+from agpo.learn.launch import resolve_defaults  # noqa: E402
+from agpo.learn.policy import Policy  # noqa: E402
+from agpo.learn.trainer import Trainer  # noqa: E402
 from agpo.models import load_model_and_tokenizer  # noqa: E402
-from agpo.policy import Policy  # noqa: E402
-from agpo.train import resolve_defaults  # noqa: E402
-from agpo.trainer import Trainer  # noqa: E402
-from test_packing import loss_args, uneven_batch  # noqa: E402
-from tolerance import assert_close_scaled  # noqa: E402
+from agpo.scale.liger import LigerError, apply_liger, wants_liger  # noqa: E402
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Loading straight into FSDP2 shards (agpo.loading), with 2 gloo ranks on CPU.
+"""Loading straight into FSDP2 shards (agpo.scale.loading), with 2 gloo ranks on CPU.
 
 The ranks build the model empty, shard it, and read only their own rows of the
 safetensors files. Checked: the sharded weights are the file's, bit for bit (converted to
@@ -62,9 +62,14 @@ def worker(folder: Path, out: Path) -> None:
     """One rank: empty model -> FSDP2 -> materialize; peak memory growth and the weights."""
     from safetensors import safe_open
 
-    from agpo.distributed import device_mesh, init_distributed, shard_model, shutdown_distributed
-    from agpo.loading import empty_model, hf_parameter_names, materialize
-    from agpo.policy import Policy
+    from agpo.learn.policy import Policy
+    from agpo.scale.distributed import (
+        device_mesh,
+        init_distributed,
+        shard_model,
+        shutdown_distributed,
+    )
+    from agpo.scale.loading import empty_model, hf_parameter_names, materialize
 
     env = init_distributed("cpu", timeout_s=120)
     empty_model(folder, dtype=torch.float32, attn="sdpa")  # the imports it needs are not weights
@@ -130,13 +135,14 @@ def test_two_ranks_load_only_their_shards(tmp_path):
 def test_streamed_run_equals_plain_run(tmp_path):
     """``python -m agpo.train --model DIR`` under torchrun reads each rank's shards from DIR
     (policy and reference); the same run in one process loads DIR the plain way."""
-    from agpo.config import config_from_args
-    from agpo.data import load_problems
-    from agpo.models import load_model_and_tokenizer
-    from agpo.policy import Policy
-    from agpo.sft import supervised_warmup
-    from agpo.train import resolve_defaults, run
     from test_train_scale import assert_rows_close, rows
+
+    from agpo.config import config_from_args
+    from agpo.learn.launch import resolve_defaults, run
+    from agpo.learn.policy import Policy
+    from agpo.learn.sft import supervised_warmup
+    from agpo.models import load_model_and_tokenizer
+    from agpo.tasks.data import load_problems
 
     model, tok = load_model_and_tokenizer("tiny", seed=0)
     supervised_warmup(Policy(model), tok, load_problems(dataset="arith", split="train"), steps=60, batch_size=64,

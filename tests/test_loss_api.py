@@ -8,13 +8,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from agpo_kernels import agpo_loss, linear_logprobs
-from agpo_kernels import dispatch
 from conftest import DEVICE
 from oracle import oracle_loss, oracle_stats
 from test_fused_loss import BUDGET, FAST, FAST_IDS, leaves, make_problem, rel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from agpo_kernels import agpo_loss, dispatch, linear_logprobs
 
 
 def loss_call(p, ins, impl, backward="forward", **kw):

@@ -10,12 +10,13 @@ holding garbage, and a chunk split across two launches.
 
 import pytest
 import torch
-
-from agpo_kernels import torch_tiled, triton_impl
-from agpo_kernels._inputs import loss_rows
-from agpo_kernels.epilogue import LossOptions
-from agpo_kernels.surrogate import agpo_objective
 from conftest import DEVICE
+
+from agpo_kernels.epilogue import LossOptions
+from agpo_kernels.inputs import loss_rows
+from agpo_kernels.surrogate import agpo_objective
+from agpo_kernels.torch_engine import engine as torch_tiled
+from agpo_kernels.triton_engine import engine as triton_impl
 
 ENGINES = {"torch": torch_tiled, "triton": triton_impl}
 CASES = [

@@ -1,4 +1,4 @@
-"""agpo.metrics_log (metrics.jsonl / events.jsonl, resume truncation) and agpo.plot (PNG curves)."""
+"""agpo.runtime.metrics_log (metrics.jsonl / events.jsonl, resume truncation) and agpo.plot (PNG curves)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import struct
 import pytest
 
 from agpo import plot
-from agpo.metrics_log import MetricsLogger, TensorBoardMissingError, read_metrics
+from agpo.runtime import plots
+from agpo.runtime.metrics_log import (
+    MetricsLogger,
+    TensorBoardMissingError,
+    read_metrics,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -132,11 +137,11 @@ def test_tensorboard_missing_gives_a_clear_error(tmp_path, monkeypatch):
 
 def test_plot_single_run_default_output(tmp_path):
     run = _write_run(tmp_path / "agpo")
-    out = plot.plot_runs(run)
+    out = plots.plot_runs(run)
     assert out == run / "curves.png"
     w, h = _png_size(out)
     assert w > 500 and h > 300 and out.stat().st_size > 5000
-    fig, info = plot.make_figure([plot.load_run(run)])
+    fig, info = plots.make_figure([plots.load_run(run)])
     assert info["keys"] == ["reward/mean", "reward/accuracy", "eps/mean", "tau/mean", "kl/step", "eval/accuracy"]
     assert all(n == 1 for n in info["lines"].values())
     assert info["bands"]["eps/mean"] == info["bands"]["tau/mean"] == 1 and info["bands"]["kl/step"] == 0
@@ -152,7 +157,7 @@ def test_plot_overlays_runs_against_generated_tokens(tmp_path):
     assert plot.main([str(a), str(b), "--out", str(out), "--x", "tokens/generated_total",
                       "--keys", "reward/mean,eps/mean,nope/missing", "--smooth", "3"]) == 0
     _png_size(out)
-    fig, info = plot.make_figure([plot.load_run(a), plot.load_run(b)], keys=["reward/mean", "eps/mean", "nope/missing"],
+    fig, info = plots.make_figure([plots.load_run(a), plots.load_run(b)], keys=["reward/mean", "eps/mean", "nope/missing"],
                                  x="tokens/generated_total", smooth=3)
     assert info["keys"] == ["reward/mean", "eps/mean"] and info["lines"] == {"reward/mean": 2, "eps/mean": 2}
     assert info["labels"] == ["agpo", "grpo"]
@@ -162,8 +167,8 @@ def test_plot_overlays_runs_against_generated_tokens(tmp_path):
 
 
 def test_plot_same_dir_names_get_distinct_labels(tmp_path):
-    runs = [plot.load_run(_write_run(tmp_path / p / "out", steps=3)) for p in ("a", "b")]
-    plot._unique_labels(runs)
+    runs = [plots.load_run(_write_run(tmp_path / p / "out", steps=3)) for p in ("a", "b")]
+    plots._unique_labels(runs)
     assert [r.label for r in runs] == ["a/out", "b/out"]
 
 
@@ -185,7 +190,7 @@ def test_plot_skips_null_values(tmp_path):
         log.log(1, {"reward/mean": 0.1, "kl/ref": float("nan")})
         log.log(2, {"reward/mean": float("nan"), "kl/ref": float("nan")})
         log.log(3, {"reward/mean": 0.3, "kl/ref": float("nan")})
-    fig, info = plot.make_figure([plot.load_run(tmp_path)])
+    fig, info = plots.make_figure([plots.load_run(tmp_path)])
     assert info["keys"] == ["reward/mean"]  # kl/ref has no finite value
     x, y = fig.axes[0].lines[0].get_data()
     assert list(x) == [1, 3] and all(math.isfinite(v) for v in y)

@@ -8,8 +8,15 @@ import time
 import pytest
 import torch
 
-from agpo.models import (CHAR_VOCAB, PRESETS, ModelNotFoundError, build_char_tokenizer, load_model_and_tokenizer,
-                         resolve_attn, resolve_dtype)
+from agpo.models import (
+    CHAR_VOCAB,
+    PRESETS,
+    ModelNotFoundError,
+    build_char_tokenizer,
+    load_model_and_tokenizer,
+    resolve_attn,
+    resolve_dtype,
+)
 
 
 def _installed(dist):

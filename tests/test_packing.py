@@ -1,4 +1,4 @@
-"""Padding-free micro-batches (agpo.packing) against the padded path, on the tiny preset.
+"""Padding-free micro-batches (agpo.learn.packing) against the padded path, on the tiny preset.
 
 Packed and padded runs compute the same function of the same real tokens, so their loss,
 gradients and scores agree to fp32 rounding (tests/tolerance.py) for every aggregation,
@@ -9,14 +9,15 @@ import copy
 
 import pytest
 import torch
+from tolerance import assert_close_scaled, rounding_tol
 
 from agpo.config import TrainConfig
+from agpo.learn.batches import SequenceBatch
+from agpo.learn.launch import resolve_defaults
+from agpo.learn.packing import _balanced, micro_batches, pack, processed_tokens
+from agpo.learn.policy import Policy
+from agpo.learn.trainer import Trainer
 from agpo.models import load_model_and_tokenizer
-from agpo.packing import _balanced, micro_batches, pack, processed_tokens
-from agpo.policy import Policy, SequenceBatch
-from agpo.train import resolve_defaults
-from agpo.trainer import Trainer
-from tolerance import assert_close_scaled, rounding_tol
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 

@@ -9,17 +9,17 @@ from collections import Counter
 import pytest
 import torch
 
-import agpo.policy
+import agpo.learn.policy
+from agpo.algo.controllers import AGPOController, ControllerConfig
+from agpo.algo.recipes import RECIPES
+from agpo.algo.stats import group_vote_entropy, raw_answer_key
 from agpo.config import ConfigError, TrainConfig, config_from_args
-from agpo.controllers import AGPOController, ControllerConfig
-from agpo.data import held_out, load_problems
+from agpo.learn.launch import resolve_defaults
+from agpo.learn.policy import Policy
+from agpo.learn.trainer import Trainer, scoring_batch
 from agpo.models import load_model_and_tokenizer
-from agpo.policy import Policy
-from agpo.recipes import RECIPES
 from agpo.rollout import sample_groups
-from agpo.stats import group_vote_entropy, raw_answer_key
-from agpo.train import resolve_defaults
-from agpo.trainer import Trainer, scoring_batch
+from agpo.tasks.data import held_out, load_problems
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
@@ -130,8 +130,8 @@ def test_score_temperature_one_reaches_the_loss(tiny, monkeypatch):
                                              "2", "--group-size", "2", "--update-epochs", "1", "--eval-size", "0"]))
     tr = Trainer(cfg, copy.deepcopy(model), tok, load_problems(cfg.data, split="train"))
     tr.controller.baseline = 0.5
-    temps, real = [], agpo.policy.agpo_loss
-    monkeypatch.setattr(agpo.policy, "agpo_loss", lambda *a, **kw: temps.append(kw["temperature"]) or real(*a, **kw))
+    temps, real = [], agpo.learn.policy.agpo_loss
+    monkeypatch.setattr(agpo.learn.policy, "agpo_loss", lambda *a, **kw: temps.append(kw["temperature"]) or real(*a, **kw))
     tr.step()
     assert temps and all(torch.equal(t.cpu(), torch.ones_like(t.cpu())) for t in temps)
 

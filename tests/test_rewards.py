@@ -6,10 +6,24 @@ import threading
 
 import pytest
 
-from agpo.rewards import (REWARDS, answer_key, correctness_reward, correctness_with_format, digits_format_reward,
-                          extract_answer, format_reward, is_correct, is_equivalent, last_boxed, load_reward,
-                          reference_answer, RewardError, score, verifier_stats)
-from agpo.verifier import MathVerifier, math_verify_installed
+from agpo.tasks.rewards import (
+    REWARDS,
+    RewardError,
+    answer_key,
+    correctness_reward,
+    correctness_with_format,
+    digits_format_reward,
+    extract_answer,
+    format_reward,
+    is_correct,
+    is_equivalent,
+    last_boxed,
+    load_reward,
+    reference_answer,
+    score,
+    verifier_stats,
+)
+from agpo.tasks.verifier import MathVerifier, math_verify_installed
 
 needs_math_verify = pytest.mark.skipif(not math_verify_installed(), reason="math-verify not installed")
 
@@ -164,7 +178,7 @@ def test_format_rewards():
 def test_load_reward_builtin_module_and_file(tmp_path):
     assert load_reward("correct") is correctness_reward
     assert set(REWARDS) >= {"correct", "format", "correct+format"}
-    assert load_reward("agpo.rewards:format_reward") is format_reward
+    assert load_reward("agpo.tasks.rewards:format_reward") is format_reward
     f = tmp_path / "my_reward.py"
     f.write_text("def length_penalty(prompt, completion, reference):\n    return -len(completion) / 100\n")
     fn = load_reward(f"{f}:length_penalty")
@@ -175,7 +189,7 @@ def test_load_reward_builtin_module_and_file(tmp_path):
 @pytest.mark.parametrize("spec,match", [
     ("nonsense", "not a built-in reward"),
     ("no_such_module_xyz:f", "cannot import module"),
-    ("agpo.rewards:no_such_function", "no callable named"),
+    ("agpo.tasks.rewards:no_such_function", "no callable named"),
     ("/no/such/file.py:f", "not found"),
     ("", "expected a name"),
 ])

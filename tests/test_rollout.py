@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from agpo.models import build_char_tokenizer, build_tiny_model
-from agpo.rollout import CounterSampler, counter_hash, row_keys, sample_groups, step_uniforms, top_p_filter
+from agpo.rollout import (
+    CounterSampler,
+    counter_hash,
+    row_keys,
+    sample_groups,
+    step_uniforms,
+    top_p_filter,
+)
 
 PROMPTS = ["12+34=", "7*8=", "100-1=", "5+5=", "99*99=", "3-2="]
 G = 3

@@ -10,15 +10,16 @@ import math
 import pytest
 import torch
 
-import agpo.policy
+import agpo.learn.policy
 from agpo.config import TrainConfig
-from agpo.data import load_problems
+from agpo.learn.launch import resolve_defaults
+from agpo.learn.trainer import Trainer
 from agpo.models import build_char_tokenizer, build_tiny_model
 from agpo.rollout import HFEngine, resolve_engine, sample_groups, top_p_filter
 from agpo.rollout.correction import importance_weights, mismatch_metrics, mismatch_sums
 from agpo.rollout.weights import policy_weights
-from agpo.train import main, resolve_defaults
-from agpo.trainer import Trainer
+from agpo.tasks.data import load_problems
+from agpo.train import main
 
 PROMPTS = ["12+34=", "7*8=", "100-1=", "5+5="]
 
@@ -67,7 +68,7 @@ def test_policy_weights_are_the_checkpoint_with_tied_head(tiny):
 def test_policy_weights_merge_lora_like_peft(tiny):
     """Merged stream = peft's own merge_and_unload of a copy (an independent reference),
     with plain names; the frozen base arrives too."""
-    from agpo.lora import apply_lora
+    from agpo.scale.lora import apply_lora
 
     model, _ = tiny
     peft_model = apply_lora(copy.deepcopy(model), rank=4, alpha=8.0)
@@ -180,7 +181,7 @@ def test_trainer_passes_the_tis_weight_to_the_loss(tmp_path, monkeypatch):
     tr = Trainer(cfg, build_tiny_model(tok, seed=0), tok, load_problems(cfg.data, split="train"))
     assert isinstance(tr.engine, HFEngine)
     seen = []
-    real = agpo.policy.agpo_loss
+    real = agpo.learn.policy.agpo_loss
 
     def spy(*a, **kw):  # packed micro-batches (the default): one weight per real token, no mask
         targets = a[2]
@@ -188,7 +189,7 @@ def test_trainer_passes_the_tis_weight_to_the_loss(tmp_path, monkeypatch):
         seen.append((kw["is_weight"].clone(), mask))
         return real(*a, **kw)
 
-    monkeypatch.setattr(agpo.policy, "agpo_loss", spy)
+    monkeypatch.setattr(agpo.learn.policy, "agpo_loss", spy)
     m = tr.step()
     assert seen and all(w.shape == mask.shape for w, mask in seen)
     for w, mask in seen:

@@ -1,4 +1,4 @@
-"""Group statistics (agpo.stats) against hand values and float64 oracles from the stdlib/numpy."""
+"""Group statistics (agpo.algo.stats) against hand values and float64 oracles from the stdlib/numpy."""
 
 import math
 import statistics
@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from agpo.stats import (as_groups, dispersion, group_advantages, group_vote_entropy, skewness,
-                        unbiased_std, vote_entropy)
+from agpo.algo.stats import (
+    as_groups,
+    dispersion,
+    group_advantages,
+    group_vote_entropy,
+    skewness,
+    unbiased_std,
+    vote_entropy,
+)
 
 
 def oracle_skew(xs, sigma_min=1e-6, kappa_max=10.0):

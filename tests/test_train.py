@@ -19,24 +19,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tolerance import assert_close_scaled, rounding_tol
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import agpo.policy
+import agpo.learn.policy
 import agpo.rollout.hf
-from agpo import checkpoint as ckpt
 from agpo.config import ConfigError, TrainConfig, config_from_args
-from agpo.guard import EXIT_PREEMPTED
-from agpo.data import load_problems
-from agpo.metrics_log import read_metrics
+from agpo.learn.launch import resolve_defaults, run
+from agpo.learn.packing import micro_batches
+from agpo.learn.policy import Policy
+from agpo.learn.schedule import lr_lambda
+from agpo.learn.sft import supervised_warmup
+from agpo.learn.trainer import TIME_KEYS, Trainer
 from agpo.models import load_model_and_tokenizer
-from agpo.policy import Policy
 from agpo.rollout import RowTemperature, sample_groups
-from agpo.sft import supervised_warmup
-from agpo.packing import micro_batches
-from agpo.schedule import lr_lambda
-from agpo.train import main, resolve_defaults, run
-from agpo.trainer import TIME_KEYS, Trainer
-from tolerance import assert_close_scaled, rounding_tol
+from agpo.runtime import checkpoint as ckpt
+from agpo.runtime.guard import EXIT_PREEMPTED
+from agpo.runtime.metrics_log import read_metrics
+from agpo.tasks.data import load_problems
+from agpo.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
     tr = Trainer(cfg, copy.deepcopy(model), tok, train)
     tr.controller.baseline = 0.4  # a warm baseline: every group is centred against it
     seen = {"tau": [], "eps": [], "loss_eps": [], "loss_temp": []}
-    real_sample, real_loss, real_clip = agpo.rollout.hf.sample_groups, agpo.policy.agpo_loss, tr.controller.clip_step
+    real_sample, real_loss, real_clip = agpo.rollout.hf.sample_groups, agpo.learn.policy.agpo_loss, tr.controller.clip_step
 
     def spy_sample(*a, **kw):
         seen["tau"].append(a[3].clone())
@@ -148,7 +149,7 @@ def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
         return eps
 
     monkeypatch.setattr(agpo.rollout.hf, "sample_groups", spy_sample)
-    monkeypatch.setattr(agpo.policy, "agpo_loss", spy_loss)
+    monkeypatch.setattr(agpo.learn.policy, "agpo_loss", spy_loss)
     monkeypatch.setattr(tr.controller, "clip_step", spy_clip)
     want1, b = _expected_tau(sigmas, 0.4, cfg.controller)
     want2, _ = _expected_tau(sigmas, b, cfg.controller)

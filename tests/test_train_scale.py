@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from agpo import checkpoint as ckpt
-from agpo.config import TrainConfig
-from agpo.metrics_log import read_metrics
-from agpo.train import resolve_defaults, run
-from agpo.trainer import TIME_KEYS
 from tolerance import assert_same_update
+
+from agpo.config import TrainConfig
+from agpo.learn.launch import resolve_defaults, run
+from agpo.learn.trainer import TIME_KEYS
+from agpo.runtime import checkpoint as ckpt
+from agpo.runtime.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_PEFT = __import__("importlib").util.find_spec("peft") is not None
@@ -172,10 +172,10 @@ def test_lora_trains_only_adapters(tmp_path):
     (LM head included) is bit-identical after the step, the adapters moved, the KL
     reference is the base with adapters off (kl/ref starts at 0), and the final export is
     the plain architecture with the adapters merged in."""
-    from agpo.data import load_problems
+    from agpo.learn.trainer import Trainer
     from agpo.models import load_model_and_tokenizer
     from agpo.rollout import sample_groups
-    from agpo.trainer import Trainer
+    from agpo.tasks.data import load_problems
 
     # one update epoch: its forwards all run at the step's start weights, the reference
     cfg = cfg_for(tmp_path / "lora", lora_rank=4, lora_alpha=8.0, steps=2, lr=1e-2, update_epochs=1)
@@ -237,9 +237,9 @@ def test_lora_run_resumes_and_exports(tmp_path):
 
 
 def test_prompts_must_split_evenly_over_ranks(tmp_path):
-    from agpo.distributed import DistEnv
+    from agpo.learn.trainer import Trainer
     from agpo.models import load_model_and_tokenizer
-    from agpo.trainer import Trainer
+    from agpo.scale.distributed import DistEnv
 
     cfg = cfg_for(tmp_path, prompts_per_step=4)
     model, tok = load_model_and_tokenizer("tiny", seed=0)

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from agpo_kernels.compile_report import SMEM_LIMIT
-from agpo_kernels.triton_config import ARCHS
+from agpo_kernels.triton_engine.config import ARCHS
 
 
 @pytest.fixture(scope="module")

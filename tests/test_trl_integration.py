@@ -21,7 +21,11 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import agpo_kernels.integrations.trl as trl_module  # noqa: E402
-from agpo_kernels.integrations.trl import AGPOControllerCallback, AGPOGRPOTrainer, full_head  # noqa: E402
+from agpo_kernels.integrations.trl import (  # noqa: E402
+    AGPOControllerCallback,
+    AGPOGRPOTrainer,
+    full_head,
+)
 from agpo_kernels.precision import resolve_compute_dtype  # noqa: E402
 
 VOCAB = 320
@@ -30,7 +34,7 @@ G = 2
 
 def _controllers_missing():
     try:
-        import agpo.controllers  # noqa: F401
+        import agpo.algo.controllers  # noqa: F401
     except ImportError as exc:
         return str(exc)
     return None
@@ -258,9 +262,9 @@ def test_unsupported_config_falls_back_to_trl(model_dir, tmp_path):
 
 
 @pytest.mark.skipif(_controllers_missing() is not None,
-                    reason=f"agpo.controllers not importable yet: {_controllers_missing()}")
+                    reason=f"agpo.algo.controllers not importable yet: {_controllers_missing()}")
 def test_controller_callback_sets_per_sequence_eps(model_dir, tmp_path):
-    from agpo.controllers import ControllerConfig
+    from agpo.algo.controllers import ControllerConfig
 
     cb = AGPOControllerCallback(ControllerConfig())
     trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, callbacks=[cb])
@@ -276,5 +280,5 @@ def test_controller_callback_needs_controllers():
     if _controllers_missing() is None:
         assert AGPOControllerCallback().controller is not None
     else:
-        with pytest.raises(ImportError, match="agpo.controllers"):
+        with pytest.raises(ImportError, match="agpo.algo.controllers"):
             AGPOControllerCallback()

@@ -19,11 +19,21 @@ import time
 
 import pytest
 
-from agpo.rewards import (MAX_ANSWER_CHARS, REWARDS, RewardError, answer_key, correctness_reward,
-                          correctness_with_format, extract_answer, is_correct, reference_answer,
-                          score_batch, verification_pair)
-from agpo.stats import group_vote_entropy
-from agpo.verifier import MathVerifier, math_verify_installed
+from agpo.algo.stats import group_vote_entropy
+from agpo.tasks.rewards import (
+    MAX_ANSWER_CHARS,
+    REWARDS,
+    RewardError,
+    answer_key,
+    correctness_reward,
+    correctness_with_format,
+    extract_answer,
+    is_correct,
+    reference_answer,
+    score_batch,
+    verification_pair,
+)
+from agpo.tasks.verifier import MathVerifier, math_verify_installed
 
 needs_math_verify = pytest.mark.skipif(not math_verify_installed(), reason="math-verify not installed")
 

@@ -26,11 +26,11 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/run runs thi
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 from agpo.config import TrainConfig  # noqa: E402
-from agpo.data import load_problems  # noqa: E402
+from agpo.learn.launch import resolve_defaults  # noqa: E402
+from agpo.learn.trainer import Trainer  # noqa: E402
 from agpo.models import load_model_and_tokenizer  # noqa: E402
 from agpo.rollout.vllm import SUPPORTED, VLLMUnavailable, check_vllm  # noqa: E402
-from agpo.train import resolve_defaults  # noqa: E402
-from agpo.trainer import Trainer  # noqa: E402
+from agpo.tasks.data import load_problems  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["12+34=", "7*8=", "100-1=", "5+5=", "99*99=", "3-2="]

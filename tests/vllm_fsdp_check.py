@@ -15,11 +15,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from agpo.data import load_problems  # noqa: E402
-from agpo.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from test_vllm_rollout import (  # noqa: E402
+    GREEDY,
+    PROMPTS,
+    engine_tokens,
+    hf_greedy,
+    tiny_cfg,
+    train_once,
+)
+
+from agpo.learn.trainer import Trainer  # noqa: E402
 from agpo.models import load_model_and_tokenizer  # noqa: E402
-from agpo.trainer import Trainer  # noqa: E402
-from test_vllm_rollout import GREEDY, PROMPTS, engine_tokens, hf_greedy, tiny_cfg, train_once  # noqa: E402
+from agpo.scale.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from agpo.tasks.data import load_problems  # noqa: E402
 
 
 def main() -> None:

@@ -21,7 +21,13 @@ import importlib.util
 import torch
 
 from agpo.rollout.base import Rollout, RolloutEngine
-from agpo.rollout.hf import CounterSampler, HFEngine, RowTemperature, sample_groups, top_p_filter
+from agpo.rollout.hf import (
+    CounterSampler,
+    HFEngine,
+    RowTemperature,
+    sample_groups,
+    top_p_filter,
+)
 from agpo.rollout.noise import counter_hash, row_keys, step_uniforms
 
 ENGINES = ("hf", "vllm", "auto")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from agpo.policy import SequenceBatch
+from agpo.learn.batches import SequenceBatch
 
 
 @dataclass

@@ -44,6 +44,7 @@ import torch
 from agpo.rollout.base import Rollout, RolloutEngine, assemble, check_request, stop_ids
 from agpo.rollout.noise import row_keys, step_uniforms
 
+
 def _check_tau(tau: torch.Tensor) -> None:
     if (not isinstance(tau, torch.Tensor) or tau.dim() != 1 or not bool((tau > 0).all())
             or not bool(torch.isfinite(tau).all())):

@@ -39,10 +39,11 @@ import weakref
 
 import torch
 
-from agpo.lora import base_model
 from agpo.rollout.base import Rollout, RolloutEngine, assemble, check_request, stop_ids
 from agpo.rollout.noise import row_keys
 from agpo.rollout.weights import policy_weights
+from agpo.scale.distributed import gather_objects
+from agpo.scale.lora import base_model
 
 MIN_TEMPERATURE = 0.01
 """vLLM raises any temperature below this to it; a smaller tau is sent as 0 (argmax), its limit."""
@@ -181,8 +182,6 @@ class VLLMEngine(RolloutEngine):
         this rank's position in it."""
         if self.tp == 1:
             return [request], 0
-        from agpo.distributed import gather_objects
-
         everyone = gather_objects(request, self.env)
         first = (self.env.rank // self.tp) * self.tp
         return everyone[first:first + self.tp], self.env.rank - first

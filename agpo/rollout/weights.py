@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from agpo.lora import base_model
+from agpo.scale.lora import base_model
 
 
 def _full(p: torch.Tensor) -> torch.Tensor:

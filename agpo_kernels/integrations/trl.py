@@ -28,7 +28,7 @@ log-probs) need no scoring pass (``old_logp=None``), and fp32 master weights wit
 autocast run a bf16 head with an fp32 weight gradient. ``agpo_loss`` forms the gradients
 during that forward (``backward="forward"``).
 
-``AGPOControllerCallback`` attaches ``agpo.controllers.AGPOController`` to the trainer:
+``AGPOControllerCallback`` attaches ``agpo.algo.controllers.AGPOController`` to the trainer:
 after each generation batch it reads the group statistics (``num_generations``
 completions per prompt, rewards, completion texts, the policy's per-group entropy) and
 writes per-sequence ``eps_low = eps_high`` into the batch; the step KL of the previous
@@ -47,8 +47,8 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from ..agpo_loss import agpo_loss
-from ..linear_logprobs import linear_logprobs
+from agpo_kernels.agpo_loss import agpo_loss
+from agpo_kernels.linear_logprobs import linear_logprobs
 
 __all__ = ["AGPOGRPOTrainer", "AGPOControllerCallback", "LOSS_AGG"]
 
@@ -294,10 +294,10 @@ class AGPOControllerCallback(TrainerCallback):
     """
 
     def __init__(self, config=None, controller=None, extract="default"):
-        try:  # imported here: agpo.controllers pulls in agpo.rewards
-            from agpo.controllers import AGPOController, ControllerConfig
+        try:  # imported here: agpo.algo.controllers pulls in agpo.tasks.rewards
+            from agpo.algo.controllers import AGPOController, ControllerConfig
         except ImportError as exc:
-            raise ImportError(f"AGPOControllerCallback needs agpo.controllers ({exc})") from exc
+            raise ImportError(f"AGPOControllerCallback needs agpo.algo.controllers ({exc})") from exc
         self.controller = controller if controller is not None else AGPOController(config or ControllerConfig())
         self.extract = extract
         self._pending = None  # (batch, old logp) of the last batch, for the step KL

@@ -1,0 +1,13 @@
+"""The learner: from rollouts to optimiser steps.
+
+- ``batches``: ``SequenceBatch`` (a rollout batch) and ``PackedBatch`` (its rows packed).
+- ``packing``: padding-free micro-batches sized by real tokens.
+- ``policy``: the policy's scoring through the fused head (``agpo_kernels``).
+- ``trainer``: one AGPO / GRPO step: rollouts, rewards, controllers, the update.
+- ``sft``: the supervised warm-up.
+- ``schedule``: prompt order and the learning-rate schedule.
+- ``launch``: one whole run from a ``TrainConfig`` (``run``).
+
+May import: everything below it (``algo``, ``tasks``, ``rollout``, ``scale``, ``runtime``,
+``config``, ``models``, ``errors``, ``agpo_kernels``); never a command-line module.
+"""
