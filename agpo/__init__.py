@@ -17,7 +17,8 @@ what it may import:
   preemption (SIGTERM), metrics logs and plots.
 - Shared at the top: ``config`` (the run config and its CLI), ``models`` (presets and
   loading), ``errors`` (the errors that end a run, with their exit statuses).
-- Command-line modules, thin, imported by nothing: ``train``, ``eval``, ``plot``.
+- Command-line modules, thin, imported by nothing: ``train``, ``eval``, ``plot``, ``plan`` (the
+  memory plan of a run, ``agpo.scale.memory``).
 
 Rules checked by tests/test_layout.py: no import cycle between modules; ``agpo.algo``
 imports only ``agpo.algo``, ``agpo.errors`` and ``agpo.tasks.rewards`` (answer keys);

@@ -18,23 +18,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from agpo.algo.controllers import ControllerConfig
-from agpo.algo.recipes import apply_recipe
+from agpo.algo.controllers import ENTROPY_TEMPERATURES, ControllerConfig
+from agpo.algo.recipes import RECIPES, apply_recipe
+from agpo.algo.stats import DISPERSIONS, VOTE_KEYS
 from agpo.errors import ConfigError
-from agpo.runtime.guard import GuardConfig
+from agpo.models import DTYPES, apply_preset_defaults
+from agpo.runtime.guard import REWARD_ERRORS, GuardConfig
 from agpo.tasks.data import DataConfig, task_options
 
 ALGOS = ("agpo", "grpo")
 SCHEDULES = ("constant", "linear", "cosine")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCORE_TEMPERATURES = ("sample", "one")
-
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+ROLLOUT_ENGINES = ("hf", "vllm", "auto")
+IMPLS = ("auto", "triton", "torch", "reference")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+TIS_MODES = ("off", "token", "seq")
 
 
 def _positive(obj, *names: str, allow_zero: bool = False) -> None:
@@ -59,8 +67,9 @@ class ModelConfig:
     """Attention implementation (None: flash-attn when installed, else SDPA)."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (CUDA when available)."""
-    gradient_checkpointing: bool = False
-    """Recompute decoder activations in the backward pass (saves memory on large models)."""
+    gradient_checkpointing: bool | None = None
+    """Recompute decoder activations in the backward pass (saves memory on large models). None: on
+    when the memory plan's update would not fit without it (agpo.scale.memory; off on CPU)."""
     liger: bool | None = None
     """Liger-Kernel's fused RMSNorm, RoPE and SwiGLU in the decoder (never its loss; agpo.scale.liger).
     None: on when the run is on CUDA, liger-kernel is installed and knows the model's family."""
@@ -78,6 +87,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not str(self.model).strip():
             raise ConfigError("--model: empty; give a preset, a local folder or a hub id")
+        if self.dtype is not None:
+            if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES + tuple(DTYPE_ALIASES):
+                raise ConfigError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _positive(self, "lora_rank", "lora_dropout", allow_zero=True)
         _positive(self, "lora_alpha")
         if isinstance(self.lora_rank, float) or self.lora_dropout >= 1:
@@ -106,10 +118,17 @@ class RolloutConfig:
     """Rollout engine (flag --rollout): hf (transformers generate on the policy), vllm (a colocated
     vLLM engine, weights synced after each optimiser step) or auto (vllm when importable and the
     policy is on CUDA, else hf). docs/rollout.md."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """Fraction of each GPU the colocated vLLM engine may take (weights + KV cache)."""
-    vllm_tensor_parallel_size: int = 1
-    """Ranks per vLLM engine (tensor parallel; must divide the world size)."""
+    vllm_gpu_memory_utilization: float | None = None
+    """Fraction of each GPU the colocated vLLM engine may take (weights + KV cache). None: what the
+    memory plan leaves beside the trainer's resident state (agpo.scale.memory; 0.3 on CPU)."""
+    vllm_tensor_parallel_size: int | None = None
+    """Ranks per vLLM engine (tensor parallel; must divide the world size). None: the smallest that
+    gives the KV cache the whole rollout in the memory plan (1 on CPU)."""
+    vllm_max_model_len: int | None = None
+    """vLLM's max_model_len (None: --max-prompt-tokens + --max-new-tokens, within the model's positions)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt in tokens the memory plan and vLLM's max_model_len allow for (None: 1024).
+    Prompts are not cut to it: with --rollout vllm a longer one must still fit --vllm-max-model-len."""
     vllm_sleep_level: int = 2
     """vLLM sleep mode between rollouts and update: 0 off, 1 offload weights + free KV cache, 2 free
     both (weights are re-synced anyway). CUDA only; the CPU backend ignores it."""
@@ -120,11 +139,11 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "prompts_per_step", "group_size", "max_new_tokens", "vllm_tensor_parallel_size",
-                  "vllm_kv_cache_gib")
+                  "vllm_kv_cache_gib", "vllm_max_model_len", "max_prompt_tokens")
         _positive(self, "generation_batch_size", allow_zero=True)
-        if self.engine not in ("hf", "vllm", "auto"):
+        if self.engine not in ROLLOUT_ENGINES:
             raise ConfigError(f"--rollout: expected hf, vllm or auto, got {self.engine!r}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError(f"--vllm-gpu-memory-utilization: must lie in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_sleep_level not in (0, 1, 2):
             raise ConfigError(f"--vllm-sleep-level: expected 0, 1 or 2, got {self.vllm_sleep_level}")
@@ -182,7 +201,7 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    """The policy loss (SPEC section 2); eps comes from the clip controller."""
+    """The policy loss (docs/algorithm.md#the-policy-loss); eps comes from the clip controller."""
 
     beta: float = 0.0
     """Weight of the KL to the reference policy (the paper: 0.03; 0 needs no reference model)."""
@@ -202,7 +221,7 @@ class LossConfig:
     """Bytes of scratch the fused head may use per call (None: its default)."""
     score_temperature: str = "sample"
     """Temperature of the old, new and reference log-probs and of the loss: 'sample' (each row's
-    sampling temperature: the policy that sampled it, SPEC section 2) or 'one' (the untempered
+    sampling temperature: the policy that sampled it, docs/algorithm.md#the-policy-loss) or 'one' (the untempered
     policy, as the paper's code scores)."""
     tis: str | None = None
     """Truncated importance sampling of the rollout engine's samples: off, token or seq (None: token
@@ -215,15 +234,15 @@ class LossConfig:
             raise ConfigError(f"--score-temperature: expected sample or one, got {self.score_temperature!r}")
         _positive(self, "beta", "entropy_coef", "eps_high_offset", allow_zero=True)
         _positive(self, "memory_budget", "tis_cap")
-        if self.tis not in (None, "off", "token", "seq"):
+        if self.tis not in (None, *TIS_MODES):
             raise ConfigError(f"--tis: expected off, token or seq, got {self.tis!r}")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
+        if self.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"--kl-estimator: expected k1, k2 or k3, got {self.kl_estimator!r}")
         if self.loss_agg not in LOSS_AGGS:
             raise ConfigError(f"--loss-agg: expected one of {', '.join(LOSS_AGGS)}, got {self.loss_agg!r}")
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ConfigError(f"--dual-clip: must be > 1, got {self.dual_clip}")
-        if self.impl not in ("auto", "triton", "torch", "reference"):
+        if self.impl not in IMPLS:
             raise ConfigError(f"--impl: expected auto, triton, torch or reference, got {self.impl!r}")
 
 
@@ -258,8 +277,14 @@ class RunConfig:
     """Stop once this many tokens were generated (probe included), to compare methods at equal cost."""
     seed: int = 0
     """Seed of model init, data order and sampling."""
-    out_dir: str = "runs/agpo"
-    """Run directory: metrics.jsonl, events.jsonl, checkpoints/, final/."""
+    out_dir: str | None = None
+    """Run directory: config.yaml, metrics.jsonl, events.jsonl, checkpoints/, final/, summary.json
+    (None: runs/ALGO, e.g. runs/agpo or runs/grpo). A directory that holds an earlier run is
+    refused unless --resume or --overwrite is given."""
+    overwrite: bool = False
+    """Start afresh in an --out-dir that holds an earlier run, replacing it: once the model has
+    loaded, the earlier run's files (config.yaml, metrics, events, checkpoints/, final/, reference/,
+    summary.json) are deleted, other files stay. Without it such a directory is refused."""
     save_every: int = 0
     """Checkpoint every k steps (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -277,7 +302,8 @@ class RunConfig:
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = False
-    """Also write TensorBoard scalars to out_dir/tb."""
+    """Also write TensorBoard scalars to out_dir/tensorboard (needs the tensorboard package:
+    pip install "agpo[tensorboard]")."""
     dist_timeout: float = 1800.0
     """Seconds any collective may wait under torchrun: a rank that died or hangs makes the others
     exit with an error after this long (long enough for the slowest rank's rollout phase)."""
@@ -285,6 +311,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ConfigError(f"--algo: expected agpo or grpo, got {self.algo!r}")
+        if self.out_dir is None:  # one directory per algorithm, stable for --resume auto
+            self.out_dir = f"runs/{self.algo}"
+        elif not str(self.out_dir).strip():
+            raise ConfigError("--out-dir: empty; give a directory (or leave it out: runs/ALGO)")
         _positive(self, "steps", "token_budget", "stop_after")
         _positive(self, "save_every", "eval_size", "eval_every", "seed", allow_zero=True)
         _positive(self, "eval_max_new_tokens")
@@ -297,6 +327,25 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, 
             "loss": LossConfig, "controller": ControllerConfig, "warmup": WarmupConfig, "run": RunConfig,
             "guard": GuardConfig}
 _CLI_SKIP = {"data": {"split", "limit", "generator_options"}}
+CHOICES: dict[tuple[str, str], tuple] = {
+    ("model", "dtype"): DTYPES + tuple(DTYPE_ALIASES),
+    ("rollout", "engine"): ROLLOUT_ENGINES,
+    ("rollout", "vllm_sleep_level"): (0, 1, 2),
+    ("optim", "schedule"): SCHEDULES,
+    ("loss", "kl_estimator"): KL_ESTIMATORS,
+    ("loss", "loss_agg"): LOSS_AGGS,
+    ("loss", "impl"): IMPLS,
+    ("loss", "score_temperature"): SCORE_TEMPERATURES,
+    ("loss", "tis"): TIS_MODES,
+    ("controller", "dispersion"): DISPERSIONS,
+    ("controller", "vote_keys"): tuple(VOTE_KEYS),
+    ("controller", "entropy_temperature"): ENTROPY_TEMPERATURES,
+    ("run", "algo"): ALGOS,
+    ("run", "recipe"): tuple(RECIPES),
+    ("guard", "reward_errors"): REWARD_ERRORS,
+}
+"""The fixed values of the enumerated fields: argparse ``choices`` of their flags (``--help``
+lists them; tests/test_newcomer.py checks every enumerated field is here)."""
 _CLI_RENAME = {("data", "path"): "data_path", ("data", "eval_path"): "eval_data_path", ("data", "seed"): "data_seed",
                ("data", "size"): "train_size", ("rollout", "engine"): "rollout"}
 
@@ -329,13 +378,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        """Build from a nested mapping; a ``run.recipe`` fills the fields ``d`` leaves unset."""
+        """Build from a nested mapping; a ``run.recipe``, then the model preset's defaults, fill the
+        fields ``d`` leaves unset."""
         if not isinstance(d, dict):
             raise ConfigError(f"config: expected a mapping of sections, got {type(d).__name__}")
         unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"config: unknown sections {sorted(unknown)}; expected {sorted(SECTIONS)}")
         d = apply_recipe({k: dict(v or {}) if isinstance(v, dict) else v for k, v in d.items()})
+        d = apply_preset_defaults(d)  # then the model preset's (agpo.models.PRESET_DEFAULTS)
         parts = {}
         for name, kind in SECTIONS.items():
             values = d.get(name) or {}
@@ -410,8 +461,55 @@ def _none_or(tp):
     return parse
 
 
+FLAG_HINTS = {
+    "--num-generations": "--group-size", "--rollout-n": "--group-size", "--n": "--group-size",
+    "--num-iterations": "--update-epochs", "--ppo-epochs": "--update-epochs",
+    "--max-completion-length": "--max-new-tokens", "--max-response-length": "--max-new-tokens",
+    "--temperature": "--tau-base", "--epsilon": "--eps-base", "--clip-ratio-low": "--eps-base",
+    "--clip-ratio": "--eps-base", "--epsilon-high": "--eps-high-offset (eps_high = eps + offset)",
+    "--clip-ratio-high": "--eps-high-offset (eps_high = eps + offset)", "--learning-rate": "--lr",
+    "--output-dir": "--out-dir", "--save-steps": "--save-every", "--eval-steps": "--eval-every",
+    "--max-steps": "--steps", "--loss-type": "--loss-agg", "--loss-agg-mode": "--loss-agg",
+    "--model-name-or-path": "--model", "--kl-coef": "--beta", "--seed-data": "--data-seed",
+}
+"""TRL / verl names of agpo.train's flags, for the error of an unknown flag."""
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that suggest the flag meant, and ``--lr -1e-5`` read as a
+    number. ``raising``: a bad command line raises ``ConfigError`` (``config_from_args``: exit
+    status 2 through ``agpo.train.main``, like every other config error) instead of exiting."""
+
+    raising = False
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._negative_number_matcher = _NUMBER  # argparse's own misses exponents (-1e-5)
+
+    def error(self, message: str):
+        hints = []
+        if "unrecognized arguments:" in message:
+            known = [s for a in self._actions for s in a.option_strings]
+            for tok in message.split("unrecognized arguments:", 1)[1].split():
+                flag = tok.split("=", 1)[0]
+                if flag in FLAG_HINTS:
+                    hints.append(f"{flag} is {FLAG_HINTS[flag]} here")
+                elif flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+                    if close:
+                        hints.append(f"did you mean {close[0]}?")
+                elif tok.lower() in ("true", "false", "yes", "no", "on", "off"):
+                    hints.append("switches take no value: --x turns one on, --no-x off")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        text = f"{message}{hint}; {self.prog} --help lists every flag"
+        if self.raising:
+            raise ConfigError(text)
+        self.exit(2, f"{self.prog}: error: {text}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agpo.train", description=(
+    p = _Parser(prog="python -m agpo.train", description=(
         "AGPO / GRPO training. With no arguments: the tiny preset on the embedded a+b= task, a short "
         "supervised warm-up, then AGPO; prints held-out accuracy before and after RL."),
         argument_default=argparse.SUPPRESS)
@@ -437,14 +535,21 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
                                    help=f"{helptext} (default {default})")
             else:
+                choices = CHOICES.get((section, f.name))
+                kw = dict(metavar=tp.__name__.upper())
+                if choices is not None:  # None stays accepted for optional fields ("none")
+                    shown = [c for c in choices if c not in DTYPE_ALIASES]  # aliases accepted, not listed
+                    kw = dict(choices=(*choices, None) if optional else choices,
+                              metavar="{" + ",".join(map(str, shown + (["none"] if optional else []))) + "}")
                 group.add_argument(flag, dest=f"{section}.{f.name}", type=_none_or(tp) if optional else tp,
-                                   metavar=tp.__name__.upper(), help=f"{helptext} (default {default})")
+                                   help=f"{helptext} (default {default})", **kw)
     return p
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line (and ``--config``) into a validated ``TrainConfig``."""
     parser = build_parser()
+    parser.raising = True
     ns = vars(parser.parse_args(argv))
     base = load_yaml(ns.pop("config")) if "config" in ns else {}
     base = {k: dict(v or {}) for k, v in base.items()} if isinstance(base, dict) else base

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from agpo.errors import DataError, ModelNotFoundError
-from agpo.models import PRESETS, load_model_and_tokenizer
-from agpo.tasks.data import DataConfig, load_problems, task_options
+from agpo.models import DTYPES, PRESETS, load_model_and_tokenizer
+from agpo.tasks.data import SPLITS, DataConfig, load_problems, task_options
 from agpo.tasks.evaluate import default_max_new_tokens, evaluate
 
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", default="gsm8k", help="arith, gsm8k, math, math500, file, basic_arithmetic, "
                     "chain_sum, gsm_symbolic, rg:NAME, hf:NAME[:CONFIG]")
     ap.add_argument("--data-path", default=None, help="data file (jsonl/json/csv/parquet)")
-    ap.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ap.add_argument("--split", default="test", choices=SPLITS, help="which split of the dataset")
     ap.add_argument("--limit", type=int, default=None, help="first N problems")
     ap.add_argument("--prompt-field", default=None, help="question field of a generic file")
     ap.add_argument("--answer-field", default=None, help="answer field of a generic file")
@@ -45,12 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reasoning-gym generator option, repeatable (e.g. max_terms=2); values read as JSON")
     ap.add_argument("--samples", type=int, default=1, help="K samples per problem (mean@K, maj@K)")
     ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default for K=1; 1.0 for K>1)")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0: plain temperature sampling)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the preset's, else 512")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed; also the generated tasks' seed")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device/preset)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", default=None, choices=DTYPES,
+                    help="compute dtype (default None: float32 on CPU, the preset's on GPU)")
     ap.add_argument("--attn", default=None, help="attention implementation (default: flash-attn, else sdpa)")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval/MODEL_DATASET_SPLIT)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -39,9 +39,9 @@ import torch
 
 from agpo.errors import ModelNotFoundError
 
-CHAR_SPECIALS = ["<pad>", "<eos>", "<unk>"]
+CHAR_CONTROL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 CHAR_SYMBOLS = list("0123456789") + ["+", "-", "*", "=", " "]
-CHAR_VOCAB = CHAR_SPECIALS + CHAR_SYMBOLS
+CHAR_VOCAB = CHAR_CONTROL_TOKENS + CHAR_SYMBOLS
 """The tiny preset's vocabulary, in id order: ``<pad>``=0, ``<eos>``=1, ``<unk>``=2, digits
 3..12, ``+ - * =`` 13..16, space 17."""
 
@@ -83,7 +83,7 @@ PRESETS: dict[str, ModelPreset] = {p.name: p for p in [
                 micro_batch_tokens=16384, description="Qwen2.5-1.5B-Instruct"),
     ModelPreset(name="qwen7b", hf_id="Qwen/Qwen2.5-7B", max_new_tokens=1024, micro_batch_tokens=8192,
                 description="Qwen2.5-7B (base, as in the paper)"),
-    ModelPreset(name="qwen14b", hf_id="Qwen/Qwen2.5-14B", max_new_tokens=1024, micro_batch_tokens=4096,
+    ModelPreset(name="qwen14b", hf_id="Qwen/Qwen2.5-14B", max_new_tokens=1024, micro_batch_tokens=16384,
                 description="Qwen2.5-14B (base): the paper's main model"),
     ModelPreset(name="llama3-8b", hf_id="meta-llama/Meta-Llama-3-8B", max_new_tokens=1024,
                 micro_batch_tokens=8192, description="Llama-3-8B (base, gated on the hub)"),
@@ -92,6 +92,55 @@ PRESETS: dict[str, ModelPreset] = {p.name: p for p in [
                 description="Gemma-2-9B (base); eager attention keeps its logit soft-capping"),
 ]}
 
+def _qwen2(hidden, intermediate, layers, heads, kv_heads, vocab, tied, positions):
+    return {"model_type": "qwen2", "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "vocab_size": vocab, "tie_word_embeddings": tied, "max_position_embeddings": positions,
+            "torch_dtype": "bfloat16"}
+
+
+PRESET_CONFIGS: dict[str, dict] = {
+    # the hub's config.json values the memory plan reads (agpo.scale.memory), so `python -m agpo.plan
+    # --model qwen14b` needs no download; a local or cached config.json wins over these
+    "qwen0.5b": _qwen2(896, 4864, 24, 14, 2, 151936, True, 32768),
+    "qwen1.5b": _qwen2(1536, 8960, 28, 12, 2, 151936, True, 32768),
+    "qwen7b": _qwen2(3584, 18944, 28, 28, 4, 152064, False, 131072),
+    "qwen14b": _qwen2(5120, 13824, 48, 40, 8, 152064, False, 131072),
+    "llama3-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                  "tie_word_embeddings": False, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"},
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                     "tie_word_embeddings": True, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"},
+}
+"""Shapes of the presets' models (Qwen2.5 / Llama-3 / SmolLM2 config.json), for planning without weights."""
+
+_LARGE_RL = {"optim": {"lr": 1e-6, "schedule": "constant", "warmup_ratio": 0.05},
+             "model": {"gradient_checkpointing": True}}
+PRESET_DEFAULTS: dict[str, dict[str, dict]] = {"qwen7b": _LARGE_RL, "qwen14b": _LARGE_RL}
+"""Run defaults of the presets whose size the project's (the tiny preset's lr 1e-4) does not fit,
+section -> field -> value; a recipe (``--recipe``), ``--config`` and flags win over them.
+From the RL fine-tuning literature for 7B-32B models: a constant AdamW learning rate of 1e-6
+(DeepSeekMath's GRPO on a 7B, arXiv:2402.03300 sec. 4.2; DAPO on Qwen2.5-32B, arXiv:2503.14476
+sec. 4.1, "constant learning rate of 1e-6 with a linear warm-up over 20 rollout steps", here 5%
+of the optimiser steps; TRL's GRPOConfig default 1e-6) and activation checkpointing (on in
+TRL's GRPO and verl's FSDP examples at these sizes; the memory plan needs it at 14B:
+docs/scale.md). The micro-batch is the preset's ``micro_batch_tokens``, which the memory plan
+halves on a GPU where it does not fit."""
+
+
+def apply_preset_defaults(d: dict) -> dict:
+    """Fill ``PRESET_DEFAULTS`` of ``d``'s ``model.model`` into the nested config mapping ``d``
+    wherever ``d`` (flags, ``--config``, the recipe already applied) leaves a field unset."""
+    name = (d.get("model") or {}).get("model", "tiny")
+    for section, values in PRESET_DEFAULTS.get(str(name), {}).items():
+        target = d.setdefault(section, {})
+        for key, value in values.items():
+            target.setdefault(key, value)
+    return d
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""The compute dtypes by name (``--dtype``); ``_DTYPES`` also takes fp32 / bf16 / fp16 / half."""
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
@@ -258,6 +307,49 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith(("/", ".", "~")) or s.count("/") > 1 or "\\" in s or s.endswith(".gguf")
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a ``--model`` that is no preset, no local path and no ``ORG/NAME`` hub id but
+    reads like a misspelt preset (``qwen-14b``), naming the preset it probably meant."""
+    import difflib
+
+    name = str(name).strip()
+    if name in PRESETS or "/" in name or "\\" in name or Path(os.path.expanduser(name)).exists():
+        return
+    lower = {p.lower().replace("-", "").replace("_", ""): p for p in PRESETS}
+    squashed = name.lower().replace("-", "").replace("_", "")
+    match = [lower[squashed]] if squashed in lower else [
+        lower[m] for m in difflib.get_close_matches(squashed, list(lower), n=1, cutoff=0.75)]
+    if match:
+        raise ModelNotFoundError(f"--model {name!r}: not a preset, a local path or an ORG/NAME hub id; did you mean "
+                                 f"--model {match[0]}? (presets: {', '.join(PRESETS)})")
+
+
+def check_model_source(name: str) -> None:
+    """What ``load_model_and_tokenizer`` would refuse about ``--model`` before reading a weight:
+    a missing local path, a folder with no model in it, a misspelt preset (``check_model_name``).
+    Hub ids and presets pass (whether their weights can be had is found when loading)."""
+    name = str(name).strip()
+    if not name:
+        raise ModelNotFoundError("--model: empty; give a preset (" + ", ".join(PRESETS) + "), a folder or a hub id")
+    if name in PRESETS:
+        return
+    path = Path(os.path.expanduser(name))
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"--model {name}: not a model folder or a .gguf file")
+        return
+    if path.is_dir():
+        ggufs = list(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) != 1:
+            raise ModelNotFoundError(f"--model {name}: the folder holds no config.json"
+                                     + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else " and no .gguf file")
+                                     + "; expected a save_pretrained folder or one .gguf file")
+        return
+    if _looks_like_path(name):
+        raise ModelNotFoundError(f"--model {name}: no such file or folder (presets: {', '.join(PRESETS)})")
+    check_model_name(name)
+
+
 def _not_found(name: str, preset: ModelPreset | None, why: str) -> ModelNotFoundError:
     label = f"model {name!r}" + (f" (preset {preset.name})" if preset else "")
     hf_id = preset.hf_id if preset else name
@@ -339,6 +431,7 @@ def load_model_and_tokenizer(name_or_path: str, *, dtype=None, device: str = "cp
         raise ModelNotFoundError(f"--model {name}: not a model folder or a .gguf file")
     if preset is None and _looks_like_path(name):
         raise ModelNotFoundError(f"--model {name}: no such file or folder (presets: {', '.join(PRESETS)})")
+    check_model_name(name)
 
     hf_id = preset.hf_id if preset else name
     try:

@@ -28,7 +28,7 @@ from typing import Sequence
 from agpo.runtime.plots import PlotError, plot_runs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agpo.plot",
                                 description="Draw the training curves of agpo.train run directories to a PNG.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with a metrics.jsonl)")
@@ -37,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--x", default="step", metavar="KEY", help="x axis: step (default) or a metric such as "
                    "tokens/generated_total")
     p.add_argument("--smooth", type=int, default=1, metavar="N", help="moving average over N points (default 1)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     keys = [k.strip() for k in a.keys.split(",") if k.strip()] if a.keys is not None else None
     try:
         path = plot_runs(a.run_dirs, a.out, keys=keys, x=a.x, smooth=a.smooth)

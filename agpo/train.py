@@ -6,7 +6,11 @@ and ``--config`` are described in ``agpo.config`` (``--help`` lists them); the s
 ``agpo.learn.trainer``; checkpoints in ``agpo.runtime.checkpoint``. The run directory gets
 ``config.yaml``, ``metrics.jsonl`` (one line per step), ``events.jsonl`` (evaluations),
 ``checkpoints/step-*/``, ``final/`` (a plain HF model) and ``summary.json``;
-``python -m agpo.plot RUN_DIR`` draws it.
+``python -m agpo.plot RUN_DIR`` draws it. The run directory is ``--out-dir`` (default
+``runs/ALGO``: ``runs/agpo``, ``runs/grpo``); one that holds an earlier run is refused unless
+``--resume auto`` continues it or ``--overwrite`` replaces it. Every check that needs no
+model (``agpo.learn.preflight``) runs before anything is loaded: a misuse ends with one
+line on stderr and exit status 2. Installed as the ``agpo-train`` command too.
 
 Under ``torchrun --nproc_per_node K [--nnodes M ...] -m agpo.train ...`` every rank runs
 ``run``: FSDP2 shards the policy (``agpo.scale.parallel``), each rank samples its block of the

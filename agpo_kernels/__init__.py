@@ -12,7 +12,7 @@ Implementations (``impl=``): "reference" (naive eager, the test oracle), "torch"
 bounded memory, any device), "triton" (GPU kernels; CPU via ``TRITON_INTERPRET=1``) and
 "auto" (triton on a CUDA device where it works, else torch). ``agpo_loss`` forms its
 gradients during the forward call (``backward="forward"``, 6NDV) or recomputes logits in
-the backward (``backward="recompute"``, 8NDV). SPEC section 2 has the math,
+the backward (``backward="recompute"``, 8NDV). docs/algorithm.md#the-policy-loss has the math,
 docs/kernels.md the designs.
 
 Layers, each importing only those below it (tests/test_layout.py checks it):

@@ -2,7 +2,7 @@
 
 LM-head projection, token log-prob, entropy, KL to a reference and the clipped surrogate
 with per-sequence adaptive eps and temperature, without ``[tokens x vocab]`` logits
-(SPEC section 2). Padded (``[B, T, D]`` + mask) and packed (``[N, D]`` + ``cu_seqlens``)
+(docs/algorithm.md#the-policy-loss). Padded (``[B, T, D]`` + mask) and packed (``[N, D]`` + ``cu_seqlens``)
 layouts; masked tokens are never projected (``validate=True``).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from agpo_kernels.chunks import DEFAULT_MEMORY_BUDGET
+from agpo_kernels.chunks import default_memory_budget
 from agpo_kernels.dispatch import engine, resolve_impl
 from agpo_kernels.epilogue import LossOptions
 from agpo_kernels.fused_loss import fused_agpo_loss
@@ -69,8 +69,9 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         backward: "forward" (default: gradients formed during the forward call, 6NDV; the
             backward only scales them, and runs once per call) or "recompute" (O(N) saved
             statistics, logits recomputed in the backward, 8NDV).
-        memory_budget: bytes of scratch for the row chunks (default 256 MiB); extra memory
-            is this plus O(N) per-token values, beyond the inputs and returned gradients.
+        memory_budget: bytes of scratch for the row chunks (default: 256 MiB on CPU; on
+            CUDA room for max(1024, N/16) rows, ``chunks.default_memory_budget``); extra
+            memory is this plus O(N) per-token values, beyond the inputs and returned gradients.
         compute_dtype: dtype of the GEMMs (default: the autocast dtype when autocast is on,
             else hidden's). A bf16 hidden with an fp32 weight runs bf16 GEMMs (one bf16
             copy of the weight for the call); gradients come back in each input's dtype.
@@ -103,7 +104,10 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        kl_ratio_weight=bool(kl_ratio_weight))
     impl = resolve_impl(impl, hidden.device)
     cd = resolve_compute_dtype(hidden, compute_dtype)
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if memory_budget is None:
+        budget = default_memory_budget(hidden.device, rows.n_rows, weight.shape[0], weight.shape[1])
+    else:
+        budget = int(memory_budget)
     if budget <= 0:
         fail("memory_budget", f"must be > 0 bytes, got {memory_budget}")
     if impl == "reference" and process_group is not None:

@@ -17,9 +17,34 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from agpo_kernels.precision import addmm_acc
+from agpo_kernels.precision import addmm_acc, mm_into
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+GPU_MIN_ROWS = 1024  # rows per chunk on a GPU at least: fewer starve the dh GEMM and repeat dW's traffic
+
+
+def default_memory_budget(device: torch.device, n_rows: int, vocab: int, dim: int) -> int:
+    """The chunk scratch budget when the caller gives none.
+
+    CPU: ``DEFAULT_MEMORY_BUDGET`` (256 MiB). CUDA: room for ``max(1024, n_rows / 16)`` rows
+    of fp32 logits (and their 16-bit hidden and dh), never less than 256 MiB nor more than
+    1/16 of the device's memory. Each chunk re-reads W twice and reads and writes dW once, so
+    few large chunks keep those passes (3 x 1.5 GB each at the 14B head) off the critical
+    path, and a chunk of 1024+ rows gives the ``dz W`` GEMM enough output tiles for 132 SMs.
+    At the 14B head (V = 152064, D = 5120) that is 1024 rows = 594 MiB up to N = 16384, then
+    N / 16 rows (2.3 GiB at N = 65536): 2-3% of what eager PyTorch holds for the same call.
+    """
+    if device.type != "cuda":
+        return DEFAULT_MEMORY_BUDGET
+    return gpu_memory_budget(n_rows, vocab, dim, torch.cuda.get_device_properties(device).total_memory)
+
+
+def gpu_memory_budget(n_rows: int, vocab: int, dim: int, device_bytes: int) -> int:
+    """``default_memory_budget`` on a device of ``device_bytes``."""
+    rows = max(GPU_MIN_ROWS, -(-int(n_rows) // 16))
+    rows = min(int(n_rows), -(-rows // 64) * 64)
+    want = rows * (4 * int(vocab) + 4 * int(dim))
+    return int(max(DEFAULT_MEMORY_BUDGET, min(want, int(device_bytes) // 16)))
 
 
 def rows_per_chunk(n_rows: int, bytes_per_row: int, memory_budget: int, align: int = 64) -> int:
@@ -29,6 +54,28 @@ def rows_per_chunk(n_rows: int, bytes_per_row: int, memory_budget: int, align: i
     if c >= align:
         c = c // align * align
     return max(1, min(int(n_rows), c))
+
+
+TAIL_ALIGN = 64
+
+
+def zero_row_tails_(dz: torch.Tensor) -> None:
+    """Zeroes the bytes just past each row of a padded ``dz [c, V]`` view, up to the next
+    multiple of ``TAIL_ALIGN`` columns (within the row stride).
+
+    A 16-bit ``dz`` written over fp32 logits has row stride ``2V``; its columns ``[V, 2V)``
+    still hold halves of fp32 logits, which read as bf16 can be NaN or Inf. A GEMM may read
+    past ``K = V`` in its operand and multiply what it finds by the zero padding of the other
+    (oneDNN's bf16 kernels on CPU do for odd K, up to the next multiple of 32), and NaN * 0
+    is NaN: ``dh`` came out non-finite for V = 257. Zeros there make any such read harmless.
+    Nothing to do when V is a multiple of 64 (Qwen2.5's 152064, SmolLM2's 49152) or ``dz``
+    is contiguous (the recompute design's buffer).
+    """
+    c, V = dz.shape
+    pad = min(dz.stride(0) - V, (-V) % TAIL_ALIGN)
+    if pad <= 0 or dz.stride(1) != 1 or c == 0:
+        return
+    torch.as_strided(dz, (c, pad), (dz.stride(0), 1), dz.storage_offset() + V).zero_()
 
 
 class HiddenRows:
@@ -82,7 +129,10 @@ class HeadGrads:
     def __init__(self, rows: HiddenRows, weight, bias, w_cd, *, need_h: bool, need_w: bool, need_b: bool):
         self.rows, self.w_cd = rows, w_cd
         self.dh = rows.new_grad() if need_h else None
-        self.dw = torch.zeros_like(weight) if need_w else None
+        # dW is written by the first chunk's GEMM (beta = 0), not zeroed and then accumulated:
+        # at the 14B head that saves a 1.5 GB memset and a read of it
+        self.dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
+        self._dw_written = False
         self.db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         self.bias_dtype = None if bias is None else bias.dtype
 
@@ -92,19 +142,26 @@ class HeadGrads:
 
     def add_chunk(self, dz: torch.Tensor, h_c: torch.Tensor, r0: int, r1: int) -> None:
         """``dz [c, V]`` (compute dtype, any row stride) of rows ``[r0, r1)``, ``h_c`` their hidden."""
+        zero_row_tails_(dz)
         if self.dh is not None:
             if self.rows.index is None and self.rows.flat is not None and self.dh.dtype == dz.dtype:
                 torch.mm(dz, self.w_cd, out=self.dh.view(-1, self.rows.D)[r0:r1])  # straight into dh
             else:
                 self.rows.put(self.dh, r0, r1, torch.mm(dz, self.w_cd))
         if self.dw is not None:
-            addmm_acc(self.dw, dz.t(), h_c)
+            if self._dw_written:
+                addmm_acc(self.dw, dz.t(), h_c)
+            else:
+                mm_into(self.dw, dz.t(), h_c)
+                self._dw_written = True
         if self.db is not None:
             self.db += dz.sum(0, dtype=torch.float32)
 
     def finish(self, process_group=None):
         """``(dh, dW, db)``; under a vocabulary-parallel group each rank's ``dh`` covers its
         shard only, so it is summed over the group here."""
+        if self.dw is not None and not self._dw_written:  # no row was projected
+            self.dw.zero_()
         if self.dh is not None and process_group is not None:
             dist.all_reduce(self.dh, group=process_group)
         db = None if self.db is None else self.db.to(self.bias_dtype)

@@ -16,25 +16,32 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+
+try:  # Linux wheels only: without triton, --help still answers and the command says why it cannot run
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
+    triton = None
+    _TRITON_MISSING = e
 
 from agpo_kernels.triton_engine.config import ARCHS, SHIPPED, VARIANTS, dot_precision
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 # Shared memory per block that each architecture allows (bytes).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
-# Arguments the JIT specialises as 16-divisible in real launches (aligned allocations,
-# hidden sizes and strides that are multiples of 16; a variant can drop D's).
+# Arguments the JIT specialises as 16-divisible in real launches at the 14B head: aligned
+# allocations, hidden sizes and strides that are multiples of 16, the vocabulary (152064),
+# token counts and the chunk bounds (chunks are multiples of 64 rows; only a last partial
+# chunk may differ, and it compiles once more). So the report builds the kernel that runs
+# (the row kernel's 128-bit loads and stores need V % 16 == 0); a variant can drop D's.
 _DIVISIBLE = {"h_ptr", "w_ptr", "b_ptr", "y_ptr", "invt_ptr", "part_ptr", "lse_ptr", "mu_ptr",
               "glp_ptr", "gh_ptr", "dz_ptr", "x_ptr", "idx_ptr", "seq_ptr", "keep_ptr", "old_ptr", "ref_ptr",
               "isw_ptr", "adv_ptr", "elo_ptr", "ehi_ptr", "w_ptr", "out_ptr", "D", "stride_h", "stride_w",
-              "stride_dz", "stride_x", "v_per_split"}
+              "stride_dz", "stride_x", "v_per_split", "V", "N", "M", "n_rows", "row0", "r_lo", "r_hi"}
 
 
 def _signature(kind: str, dtype: torch.dtype) -> tuple[object, dict]:
@@ -104,6 +111,7 @@ def compile_one(kind: str, dtype: torch.dtype, arch: int, cfg: dict, flags: dict
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     ops = collections.Counter(re.findall(r"\b(HGMMA|HMMA|UTC[A-Z]*MMA|LDGSTS|UTMALDG|LDL|STL)\b", sass))
+    wide = len(re.findall(r"\b(?:LDG|STG)\.E(?:\.[A-Z0-9_]+)*\.128\b", sass))  # 128-bit global accesses
     tile = "x".join(str(cfg[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K") if k in cfg)
     return dict(kind=kind, dtype=str(dtype).replace("torch.", ""), arch=arch,
                 variant=",".join(f"{k}={v}" for k, v in sorted(flags.items()))
@@ -111,7 +119,7 @@ def compile_one(kind: str, dtype: torch.dtype, arch: int, cfg: dict, flags: dict
                 shared=int(k.metadata.shared), regs=regs, spill_bytes=stack,
                 local_ops=ops["LDL"] + ops["STL"], wgmma=ops["HGMMA"], mma=ops["HMMA"],
                 tcgen05=sum(v for o, v in ops.items() if o.startswith("UTC")),
-                async_copies=ops["LDGSTS"] + ops["UTMALDG"], tile=tile, warps=num_warps, stages=num_stages)
+                async_copies=ops["LDGSTS"] + ops["UTMALDG"], wide_global=wide, tile=tile, warps=num_warps, stages=num_stages)
 
 
 def _job(args):
@@ -133,15 +141,29 @@ def report_all(archs=ARCHS, workers: int | None = None) -> list[dict]:
         return list(pool.map(_job, todo))
 
 
-def main() -> None:
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m agpo_kernels.compile_report", description=(
+        "Compile every shipped Triton kernel configuration for " + ", ".join(f"sm_{a}" for a in ARCHS) + " without a GPU and "
+        "report registers, spills, shared memory and the MMA / async-copy instructions of the SASS."))
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of a table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if triton is None:
+        raise SystemExit(f"compile_report needs triton (Linux x86_64/aarch64 wheels: pip install triton): "
+                         f"{_TRITON_MISSING}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     rows = report_all()
-    if "--json" in sys.argv:
+    if args.json:
         print(json.dumps(rows))
         return
     cols = ["arch", "kind", "dtype", "variant", "tile", "warps", "stages", "regs", "spill_bytes", "shared",
-            "wgmma", "tcgen05", "mma", "async_copies"]
+            "wgmma", "tcgen05", "mma", "async_copies", "wide_global"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -2,7 +2,7 @@
 
 From a row's ``logp`` and entropy ``H`` (and its old/reference log-probs, importance
 weight, advantage, clip range and aggregation weight ``w``) this computes, with no
-autograd (SPEC section 2):
+autograd (docs/algorithm.md#gradients):
 
     ratio = exp(logp - old)                  (old = None: on-policy, ratio 1, d ratio = ratio)
     surr  = min(ratio A, clip(ratio) A)       d surr / d logp = ratio A, or 0 where clipped

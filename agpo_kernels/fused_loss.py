@@ -36,7 +36,9 @@ def forward_gradient(hidden, weight, bias, rows, opts, *, engine, compute_dtype,
     V, D = weight.shape
     v_off, _ = shard(process_group, V)
     w_cd = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
-    bias32 = None if bias is None else bias.float()
+    if w_cd.stride(-1) != 1:  # the Triton GEMMs read W rows with unit stride: one copy per call
+        w_cd = w_cd.contiguous()
+    bias32 = None if bias is None else bias.float().contiguous()  # read with unit stride by the row kernel
     src = HiddenRows(hidden, rows.index)
     head = HeadGrads(src, weight, bias, w_cd, need_h=need_h, need_w=need_w, need_b=need_b)
     need_grad = head.any

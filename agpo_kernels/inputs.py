@@ -185,7 +185,9 @@ def _per_token(name, t, shape, device) -> torch.Tensor | None:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
         fail(name, f"expected shape {tuple(shape)} (like targets), got {tuple(getattr(t, 'shape', ()))}")
     check_device(name, t, device)
-    return t.detach().to(torch.float32).reshape(-1)
+    # contiguous: the Triton row kernel reads per-token values with unit stride, and reshape
+    # of a strided view (old_logp = stats[:, 0]) is still strided
+    return t.detach().to(torch.float32).reshape(-1).contiguous()
 
 
 def _layout(hidden, targets, cu_seqlens, validate):
@@ -257,7 +259,7 @@ def loss_rows(hidden, vocab, targets, advantages, old_logp, *, mask, cu_seqlens,
         inv_t = 1.0 / _per_seq("temperature", temperature, num_seqs, device, validate, positive=True)
     else:
         inv_t = 1.0 / scalar_positive("temperature", temperature)
-    flat_y = targets.reshape(-1)
+    flat_y = targets.reshape(-1).contiguous()  # unit stride, as the row kernel reads it
 
     index = None
     if validate:
@@ -277,7 +279,7 @@ def loss_rows(hidden, vocab, targets, advantages, old_logp, *, mask, cu_seqlens,
         keep = keepf
         flat_y = flat_y.clamp(0, vocab - 1)  # memory-safe lookups; masked ids may be anything
 
-    # Aggregation weights (SPEC section 2) per sequence, without host syncs.
+    # Aggregation weights (docs/algorithm.md#loss-aggregation) per sequence, without host syncs.
     if keepf is not None:
         lens = torch.zeros(num_seqs, device=device).index_add_(0, seq, keepf)
     n_tok = lens.sum()

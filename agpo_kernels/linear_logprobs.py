@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from agpo_kernels.chunks import DEFAULT_MEMORY_BUDGET
+from agpo_kernels.chunks import default_memory_budget
 from agpo_kernels.dispatch import engine, resolve_impl
 from agpo_kernels.inputs import (
     check_compute_dtype,
@@ -43,7 +43,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             ``[B, 1]`` per sequence).
         impl: "auto" (Triton on a CUDA device where it works, else "torch"), "torch",
             "triton" or "reference".
-        memory_budget: bytes of scratch the tiled paths may use (default 256 MiB).
+        memory_budget: bytes of scratch the tiled paths may use (default as in ``agpo_loss``).
         compute_dtype: dtype of the GEMMs (default: autocast's when on, else hidden's); a
             bf16 hidden with fp32 weights runs in bf16, gradients in each input's dtype.
         validate: check ids and temperatures and drop ignored positions before the
@@ -63,7 +63,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     impl = resolve_impl(impl, hidden.device)
     if impl == "reference" and process_group is not None:
         fail("process_group", "impl='reference' does not shard the vocabulary; use 'torch' or 'triton'")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if memory_budget is None:
+        budget = default_memory_budget(hidden.device, rows.hidden.shape[0], weight.shape[0], weight.shape[1])
+    else:
+        budget = int(memory_budget)
     if budget <= 0:
         fail("memory_budget", f"must be > 0 bytes, got {memory_budget}")
     cd = resolve_compute_dtype(hidden, compute_dtype)

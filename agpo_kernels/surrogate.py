@@ -1,4 +1,4 @@
-"""The per-token AGPO objective on top of log-probs and entropies (SPEC section 2), by autograd.
+"""The per-token AGPO objective on top of log-probs and entropies (docs/algorithm.md#the-policy-loss), by autograd.
 
 The O(N) reference formulation: plain differentiable torch on ``[N]`` vectors. It is what
 ``impl="reference"`` and the recompute design (``backward="recompute"``) run, and the

@@ -9,8 +9,12 @@ and one implementation:
 * ``eager``: the naive full-logits path every trainer starts with (logits, log_softmax,
   gather, clipped surrogate: ``impl="reference"``);
 * ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` with the same options (scalar eps,
-  k3 KL, token-mean); ``liger-ce``: Liger's fused linear cross-entropy, the cheapest fused
-  head loss there is (no KL, no ratio), as a floor for a chunked cuBLAS design.
+  k3 KL, token-mean; its 0.8.5 backward runs fp32 GEMMs, so it is slow for reasons unrelated
+  to fusion); ``liger-ce``: Liger's fused linear cross-entropy, the cheapest fused head loss
+  there is (no KL, no ratio), as a floor for a chunked cuBLAS design; ``liger-logprob``:
+  Liger's fused linear + per-token log-prob + differentiable entropy
+  (``LigerFusedLinearScaledCrossEntropyFunction``, scalar temperature) with the same clipped
+  surrogate and k3 KL computed on its O(N) outputs: the real rival of the fused head.
 """
 
 from __future__ import annotations
@@ -99,6 +103,15 @@ def loss_fn(impl: str, **loss_kw):
         def f(x):
             return ce(x["W"], x["h"].reshape(-1, x["h"].shape[-1]), x["y"].reshape(-1))
         return f
+    if impl == "liger-logprob":
+        from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
+
+        def f(x):
+            D = x["h"].shape[-1]
+            nll, ent = LigerFusedLinearScaledCrossEntropyFunction.apply(
+                x["h"].reshape(-1, D), x["W"], x["y"].reshape(-1), 1.0, -100, 1, True)
+            return surrogate_on_logprobs(-nll.view_as(x["old"]), x)
+        return f
     our, backward = OURS[impl]
     kw = {"backward": backward, **loss_kw}
 
@@ -107,6 +120,19 @@ def loss_fn(impl: str, **loss_kw):
                             ref_logp=x["ref"], beta=BETA, kl_estimator="k3", impl=our, **kw)
         return loss
     return f
+
+
+def surrogate_on_logprobs(logp: torch.Tensor, x: dict) -> torch.Tensor:
+    """The objective ``loss_fn`` gives every implementation (clipped ratio at EPS, k3 KL at
+    BETA, token-mean), computed from per-token log-probs [B, T]: what a trainer adds on top
+    of a fused log-prob op that has no loss of its own."""
+    m = x["mask"].float()
+    ratio = torch.exp(logp - x["old"])
+    adv = x["adv"].view(-1, 1)
+    surr = torch.minimum(ratio * adv, ratio.clamp(1 - EPS, 1 + EPS) * adv)
+    d = x["ref"] - logp
+    kl = torch.exp(d) - d - 1
+    return ((-surr + BETA * kl) * m).sum() / m.sum()
 
 
 def logprobs_fn(impl: str):
@@ -119,7 +145,7 @@ def logprobs_fn(impl: str):
 
 
 def flops(shape: Shape, mode: str) -> float:
-    """Matmul FLOPs of the LM head: 2NDV forward, 4NDV backward (SPEC section 3); a design
+    """Matmul FLOPs of the LM head: 2NDV forward, 4NDV backward (docs/algorithm.md#costs); a design
     that recomputes logits does more, but is credited with the same work."""
     per = 2.0 * shape.N * shape.D * shape.V
     return {"fwd": per, "bwd": 2 * per, "fwd+bwd": 3 * per, "logprobs": per}[mode]

@@ -1,7 +1,8 @@
 """Fused AGPO loss and log-probs, ours (both designs) against eager PyTorch and Liger-Kernel.
 
-``pytest bench/ --benchmark-only``: on a GPU the model heads that matter, on a CPU
-scaled-down shapes (V = 152064 included, and one 16k-token sequence). Each result carries
+``pytest bench/ --benchmark-only``: one small shape (``cpu-small`` on a CPU,
+``qwen2.5-0.5b`` on a GPU); ``--bench-long`` adds the others: on a GPU the 8B-14B model
+heads, on a CPU V = 152064 and one 16k-token sequence. Each result carries
 shape, dtype, device, FLOPs and (for fwd+bwd) peak extra memory in ``extra_info``; the
 comparison table is printed at the end (bench/report.py). The forward-gradient design
 ("torch", "triton") and Liger form their gradients inside the forward call: their "fwd"
@@ -19,7 +20,10 @@ from cases import CPU_SHAPES, GPU_SHAPES, flops, logprobs_fn, loss_fn, make_inpu
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-SHAPES = GPU_SHAPES if CUDA else CPU_SHAPES
+DEFAULT_SHAPES = ("cpu-small", "qwen2.5-0.5b")
+"""Shapes of the default run; every other shape runs with ``--bench-long``."""
+SHAPES = [s if s.name in DEFAULT_SHAPES else pytest.param(s, marks=pytest.mark.bench_long, id=s.name)
+          for s in (GPU_SHAPES if CUDA else CPU_SHAPES)]
 IMPLS = (["eager", "torch", "torch-recompute", "triton", "triton-recompute", "liger", "liger-ce"] if CUDA
          else ["eager", "torch", "torch-recompute", "liger"])
 MODES = ["fwd", "bwd", "fwd+bwd", "logprobs"]

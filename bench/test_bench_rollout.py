@@ -2,9 +2,11 @@
 
 ``pytest bench/test_bench_rollout.py --benchmark-only`` in an environment with vLLM
 (``.venv-vllm`` on a CPU, see README; on a GPU the GPU suite's). One rollout = the
-training loop's train phase: ``AGPO_BENCH_ROLLOUT_PROMPTS`` prompts (default 8) of the
-chain_sum task x G = 4 samples at tau 1.0, up to ``AGPO_BENCH_ROLLOUT_TOKENS`` (64) new
-tokens, on ``AGPO_BENCH_ROLLOUT_MODEL`` (smollm2-135m). ``extra_info``: generated tokens,
+training loop's train phase: prompts of the chain_sum task x G = 4 samples at tau 1.0 on
+``AGPO_BENCH_ROLLOUT_MODEL`` (smollm2-135m): by default 2 prompts and up to 8 new tokens;
+with ``--bench-long`` also ``AGPO_BENCH_ROLLOUT_PROMPTS`` prompts (default 8) and up to
+``AGPO_BENCH_ROLLOUT_TOKENS`` (64) new tokens, the size bench/results/ quotes.
+``extra_info``: generated tokens,
 tokens/s of generation (``perf/generate_tokens_per_s``'s definition: generated tokens
 over generation seconds, weight sync excluded), the sync seconds of a full weight load,
 (each vLLM rollout starts from an empty prefix cache, like a step's first phase after its
@@ -29,13 +31,17 @@ from agpo.models import load_model_and_tokenizer
 from agpo.tasks.data import format_prompt, load_problems, uses_chat_template
 
 MODEL = os.environ.get("AGPO_BENCH_ROLLOUT_MODEL", "smollm2-135m")
-PROMPTS = int(os.environ.get("AGPO_BENCH_ROLLOUT_PROMPTS", "8"))
-TOKENS = int(os.environ.get("AGPO_BENCH_ROLLOUT_TOKENS", "64"))
+SIZES = {"small": (2, 8),
+         "long": (int(os.environ.get("AGPO_BENCH_ROLLOUT_PROMPTS", "8")),
+                  int(os.environ.get("AGPO_BENCH_ROLLOUT_TOKENS", "64")))}
+"""Size -> (prompts, max new tokens)."""
 G = 4
 
 
+@pytest.mark.parametrize("size", ["small", pytest.param("long", marks=pytest.mark.bench_long)])
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_rollout(benchmark, engine):
+def test_rollout(benchmark, engine, size):
+    PROMPTS, TOKENS = SIZES[size]
     if engine == "vllm":
         pytest.importorskip("vllm", reason="vLLM is not installed in this environment")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -69,9 +75,10 @@ def test_rollout(benchmark, engine):
 
     first = rollout()  # includes the first weight load (vLLM) and first-call allocations
     rolls = []
-    benchmark.pedantic(lambda: rolls.append(rollout()), rounds=3, iterations=1)
+    benchmark.pedantic(lambda: rolls.append(rollout()), rounds=3 if size == "long" else 2, iterations=1)
     benchmark.extra_info.update({
-        "bench": "rollout", "engine": engine, "model": MODEL, "device": str(tr.device), "prompts": PROMPTS,
+        "bench": "rollout", "engine": engine, "model": MODEL + ("" if size == "long" else " (small)"),
+        "device": str(tr.device), "prompts": PROMPTS,
         "group_size": G, "max_new_tokens": TOKENS,
         "generated_tokens": statistics.median(r.generated_tokens for r in rolls),
         "generate_tokens_per_s": statistics.median(r.generated_tokens / r.seconds for r in rolls),

@@ -1,4 +1,4 @@
-"""The HF engine's sampler per decode step (issue 18): ``CounterSampler`` on 64 rows of a
+"""The HF engine's sampler per decode step: ``CounterSampler`` on 64 rows of a
 SmolLM2-sized vocabulary (49152), fp32, with and without top-p.
 
 ``pytest bench/test_bench_sampler.py --benchmark-only``. The sampler draws one counter-based

@@ -2,8 +2,9 @@
 update), so a regression anywhere in the loop shows, not only in the kernels.
 
 ``pytest bench/test_bench_train.py --benchmark-only``: the tiny preset after a short
-supervised warm-up (so rewards and advantages are not all zero), 16 prompts x G=8, for
-AGPO (probe + train rollouts) and GRPO (train rollouts only). ``extra_info`` holds the
+supervised warm-up (so rewards and advantages are not all zero), for AGPO (probe + train
+rollouts) and GRPO (train rollouts only): 8 prompts x G=8 over 3 steps by default, the
+default run's 16 prompts x G=8 over 5 steps with ``--bench-long``. ``extra_info`` holds the
 median per-phase seconds and tokens/s over the measured steps; the table is printed at
 the end (bench/report.py ``train_table``).
 """
@@ -35,13 +36,20 @@ def warm_model():
     return model, tok, train
 
 
+SIZES = {"small": (8, 3), "long": (16, 5)}
+"""Size -> (prompts per step, measured steps)."""
+
+
+@pytest.mark.parametrize("size", ["small", pytest.param("long", marks=pytest.mark.bench_long)])
 @pytest.mark.parametrize("algo", ["agpo", "grpo"])
-def test_train_step(benchmark, warm_model, algo):
+def test_train_step(benchmark, warm_model, algo, size):
+    prompts, rounds = SIZES[size]
     import copy
 
     model, tok, train = warm_model
     cfg = TrainConfig()
     cfg.run.algo = algo
+    cfg.rollout.prompts_per_step = prompts
     if algo == "grpo":
         cfg.controller.adaptive_clip = cfg.controller.adaptive_temp = False
     cfg = resolve_defaults(cfg)
@@ -49,8 +57,9 @@ def test_train_step(benchmark, warm_model, algo):
     trainer = Trainer(cfg, copy.deepcopy(model), tok, train)
     trainer.step()  # warm-up: first-call allocations
     seen = []
-    benchmark.pedantic(lambda: seen.append(trainer.step()), rounds=5, iterations=1)
-    info = {"bench": "train_step", "preset": "tiny", "algo": algo, "device": str(trainer.device),
+    benchmark.pedantic(lambda: seen.append(trainer.step()), rounds=rounds, iterations=1)
+    info = {"bench": "train_step", "preset": "tiny" + ("" if size == "long" else " (small)"), "algo": algo,
+            "device": str(trainer.device),
             "prompts": cfg.rollout.prompts_per_step, "group_size": cfg.rollout.group_size,
             "update_epochs": cfg.optim.update_epochs}
     for phase, keys in PHASES.items():

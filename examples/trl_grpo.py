@@ -1,7 +1,9 @@
 """GRPO with TRL, the policy loss computed by agpo_loss from hidden states (no logits).
 
-``AGPOGRPOTrainer`` replaces ``trl.GRPOTrainer`` one for one; ``AGPOControllerCallback``
-adds AGPO's adaptive per-group clip range. Runs on a CPU in well under a minute with a
+``AGPOGRPOTrainer`` replaces ``trl.GRPOTrainer`` one for one; ``AGPOClipCallback``
+adds AGPO's adaptive per-group clip range, and only that: TRL samples every row at its one
+``temperature`` and there is no probe group, so this is GRPO plus the adaptive clip, not
+the full AGPO of ``python -m agpo.train`` (docs/algorithm.md). Runs on a CPU in well under a minute with a
 tiny random Qwen2 model and a character tokenizer; for real work pass a model name
 (``model="Qwen/Qwen2.5-0.5B-Instruct"``) and your dataset and reward functions.
 
@@ -18,7 +20,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig
 
 from agpo.algo.controllers import ControllerConfig
-from agpo_kernels.integrations.trl import AGPOControllerCallback, AGPOGRPOTrainer
+from agpo_kernels.integrations.trl import AGPOClipCallback, AGPOGRPOTrainer
 
 # A tiny model and tokenizer, saved to a folder as TRL loads the reference model by path.
 chars = list("abcdefghijklmnopqrstuvwxyz0123456789 +=?.")
@@ -51,7 +53,7 @@ args = GRPOConfig(
 )
 trainer = AGPOGRPOTrainer(
     model=model_dir, reward_funcs=digit_reward, args=args, train_dataset=dataset,
-    callbacks=[AGPOControllerCallback(ControllerConfig())],  # per-group eps from each batch
+    callbacks=[AGPOClipCallback(ControllerConfig(adaptive_temp=False))],  # per-group eps from each batch
 )
 assert trainer.agpo_fallback is None  # this config runs on the fused loss
 trainer.train()

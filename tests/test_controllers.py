@@ -1,4 +1,4 @@
-"""AGPO controllers (agpo.algo.controllers) against a plain-Python oracle of SPEC section 1."""
+"""AGPO controllers (agpo.algo.controllers) against a plain-Python oracle of docs/algorithm.md."""
 
 import ast
 import copy
@@ -24,7 +24,7 @@ from agpo.algo.controllers import (
 )
 
 PAPER = dict(baseline_min=0.0)
-"""The paper's formulas (SPEC section 1): no floor on the uncertainty baseline (the project's
+"""The paper's formulas (docs/algorithm.md): no floor on the uncertainty baseline (the project's
 default keeps it at or above 0.5; test_baseline_floor_keeps_tau_responsive)."""
 PAPER_DEFAULTS = dict(eps_base=0.2, eps_min=0.05, eps_max=0.4, alpha_var=1.0, gamma_stepkl=0.5,
                       delta_probe_entropy=0.1, zeta_skew=0.0, dispersion="std", tau_base=1.0,
@@ -52,7 +52,7 @@ def o_entropy(keys):
 
 
 class Oracle:
-    """SPEC section 1 steps 1-3, 5-6 and 8 with the default settings, group by group."""
+    """docs/algorithm.md (statistics, temperature, clip, step KL) with the default settings, group by group."""
 
     def __init__(self):
         self.b, self.S, self.h_ref, self.seen = 0.0, 0.0, None, False

@@ -149,15 +149,22 @@ FAST = [d for d in DESIGNS if d[0] != "reference"]
 FAST_IDS = [f"{i}-{b}" for i, b in FAST]
 
 
+# Fixed seeds, not a fresh draw per run: over seeds 0-23 the worst ratio to eager's error
+# was 1.06 (bf16, seed 10) and 1.43 (fp16, seed 16), against the 2x margin; 38 is one that
+# gave NaN dh in bf16 before the row tails of dz were zeroed.
+LOW_PRECISION_SEEDS = (10, 16, 38)
+
+
+@pytest.mark.parametrize("seed", LOW_PRECISION_SEEDS)
 @pytest.mark.parametrize("impl,backward", FAST, ids=FAST_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_eager(impl, backward, dtype):
+def test_low_precision_no_worse_than_eager(impl, backward, dtype, seed):
     """bf16/fp16 inputs: error against the float64 oracle (on the same rounded inputs) is
     within 2x of what naive eager PyTorch in the same dtype gets (the rounding points
     differ, so on a finite random problem the two errors fluctuate around each other).
     The budget makes 6 row chunks, so the weight gradient is accumulated in 16 bits
     across chunks (docs/kernels.md, "dW precision")."""
-    p = make_problem(dtype=dtype, B=4, T=16, D=64, V=257)
+    p = make_problem(dtype=dtype, B=4, T=16, D=64, V=257, seed=seed)
     opts = dict(beta=0.05, ent_coef=0.01)
     rows = int(p["mask"].sum())
     budget = -(-rows // 6) * (8 * 257 + 4 * 64)  # ~6 chunks for either engine
@@ -281,3 +288,104 @@ def test_module_matches_functional_and_overrides():
     assert torch.allclose(a, c)
     with pytest.raises(TypeError, match="unknown options"):
         mod(p["h"], p["W"], p["y"], p["adv"], p["old"], epsilon=0.2)
+
+
+def _strided(t, k=3, j=1):
+    """A non-contiguous view holding the same values as ``t``: column j of a [*, k] buffer."""
+    buf = torch.randn(*t.shape, k, device=t.device).to(t.dtype)
+    buf[..., j] = t
+    view = buf[..., j]
+    assert not view.is_contiguous() or view.numel() <= 1
+    return view
+
+
+@pytest.mark.parametrize("impl,backward", FAST, ids=FAST_IDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_strided_inputs_give_the_contiguous_answer(impl, backward, packed):
+    """Every tensor argument as a strided view (targets = ids[:, 0], old_logp = stats[:, 0],
+    a weight sliced from a wider buffer, hidden with a row stride): the same loss, metrics and
+    gradients as contiguous copies, whatever the engine reads with unit stride."""
+    p = make_problem(B=3, T=5, D=24, V=101, bias=True)
+    B, T = p["y"].shape
+    isw = torch.rand(B, T, device=DEVICE) + 0.5
+    eps = torch.rand(B, device=DEVICE) * 0.2 + 0.05
+    tok = (lambda t: t.reshape(B * T)) if packed else (lambda t: t)
+    cu = torch.arange(0, (B + 1) * T, T, device=DEVICE, dtype=torch.int32) if packed else None
+    D = p["h"].shape[-1]
+    hid = p["h"].reshape(B * T, D) if packed else p["h"]
+
+    def call(h, w, b, y, adv, old, mask, ref, iw, e_lo, e_hi, temp):
+        return agpo_loss(h, w, y, adv, old, mask=mask, bias=b, cu_seqlens=cu, eps_low=e_lo, eps_high=e_hi,
+                         temperature=temp, ref_logp=ref, beta=0.05, entropy_coef=0.01, is_weight=iw,
+                         impl=impl, backward=backward, memory_budget=BUDGET[impl], max_len=T if packed else None)
+
+    args = [tok(p["y"]), p["adv"], tok(p["old"]), tok(p["mask"]), tok(p["ref"]), tok(isw), eps, eps * 1.3, p["temp"]]
+    dense = [t.contiguous() for t in args]
+    strided = [_strided(t) for t in args]
+    results = []
+    for h_src, w_src, b_src, rest in ((hid, p["W"], p["b"], dense), (None, None, None, strided)):
+        if h_src is None:  # strided hidden / weight / bias leaves, same values
+            wide_h = torch.zeros(*hid.shape[:-1], D + 5, device=DEVICE, dtype=hid.dtype)
+            wide_h[..., 2:2 + D] = hid
+            wide_w = torch.zeros(p["W"].shape[0], D + 3, device=DEVICE, dtype=hid.dtype)
+            wide_w[:, 1:1 + D] = p["W"]
+            h_leaf, w_leaf = wide_h.requires_grad_(), wide_w.requires_grad_()
+            b_leaf = _strided(p["b"]).detach().requires_grad_()
+            h, w, b = h_leaf[..., 2:2 + D], w_leaf[:, 1:1 + D], b_leaf
+            assert not (h.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+        else:
+            h_leaf, w_leaf, b_leaf = (t.detach().clone().requires_grad_() for t in (h_src, w_src, b_src))
+            h, w, b = h_leaf, w_leaf, b_leaf
+        loss, m = call(h, w, b, *rest)
+        gh, gw, gb = torch.autograd.grad(loss, (h, w, b))
+        results.append((loss, m, (gh, gw, gb)))
+    (l0, m0, g0), (l1, m1, g1) = results
+    assert abs(l0.item() - l1.item()) <= 1e-6 * max(1.0, abs(l0.item())), (l0.item(), l1.item())
+    for k in ("clip_frac", "ratio_mean", "kl_mean", "entropy_mean"):
+        assert abs(m0[k].item() - m1[k].item()) <= 1e-6, k
+    assert rel(m1["logp"], m0["logp"]) < 1e-6 and rel(m1["entropy"], m0["entropy"]) < 1e-6
+    for a, c in zip(g1, g0):
+        assert rel(a, c) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_linear_logprobs_inputs(impl):
+    p = make_problem(B=2, T=6, D=24, V=101, bias=False)
+    B, T = p["y"].shape
+    temp = torch.rand(B, T, device=DEVICE) + 0.5
+    ref_lp, ref_ent = linear_logprobs(p["h"], p["W"], p["y"], temperature=temp, mask=p["mask"], impl=impl,
+                                      memory_budget=BUDGET[impl])
+    wide_w = torch.zeros(p["W"].shape[0], 30, device=DEVICE)
+    wide_w[:, 3:27] = p["W"]
+    lp, ent = linear_logprobs(p["h"].transpose(0, 1).contiguous().transpose(0, 1), wide_w[:, 3:27],
+                              _strided(p["y"]), temperature=_strided(temp), mask=_strided(p["mask"]),
+                              impl=impl, memory_budget=BUDGET[impl])
+    assert rel(lp, ref_lp) < 1e-6 and rel(ent, ref_ent) < 1e-6
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a cross-warp race: only a GPU runs warps concurrently")
+def test_in_place_bf16_dz_is_deterministic_and_matches_a_separate_buffer():
+    """The row kernel writes the bf16 dz over the fp32 logits it reads; without ordering the
+    warps of a program, a store can overwrite a logit another warp has yet to load. Then
+    gradients vary from call to call and differ from the torch engine, which writes dz into
+    a buffer of its own."""
+    g = torch.Generator().manual_seed(7)
+    N, D, V = 512, 256, 3 * 4096 + 64
+    h = torch.randn(N, D, generator=g).to(DEVICE, torch.bfloat16)
+    W = (torch.randn(V, D, generator=g) / D**0.5).to(DEVICE, torch.bfloat16)
+    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    adv = torch.randn(N, generator=g).to(DEVICE)
+    cu = torch.arange(N + 1, device=DEVICE, dtype=torch.int32)
+    old = torch.randn(N, generator=g).to(DEVICE) * 0.1 - 9.0
+
+    def grads(impl):
+        hh, ww = h.clone().requires_grad_(), W.clone().requires_grad_()
+        loss, _ = agpo_loss(hh, ww, y, adv, old, cu_seqlens=cu, impl=impl, entropy_coef=0.01)
+        return torch.autograd.grad(loss, (hh, ww))
+
+    first = grads("triton")
+    for _ in range(10):
+        again = grads("triton")
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for ours, theirs in zip(first, grads("torch")):
+        assert rel(ours, theirs) < 2e-2

@@ -232,7 +232,8 @@ def test_bf16_hidden_with_fp32_weight_computes_in_bf16(impl, backward):
     master weights): the result equals the call with the weight rounded to bf16, differs
     from an fp32 head, and each gradient comes back in its input's dtype."""
     p = make_problem(dtype=torch.bfloat16, B=3, T=8, D=32, V=97, seed=3)
-    W32 = (p["W"].float() + torch.randn_like(p["W"].float()) * 1e-3).requires_grad_()  # not bf16-exact
+    noise = torch.randn(p["W"].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)  # fixed, not drawn per run
+    W32 = (p["W"].float() + noise * 1e-3).requires_grad_()  # not bf16-exact
     h = p["h"].clone().requires_grad_()
     kw = dict(ref_logp=p["ref"], beta=0.05)
     loss, m = loss_call(p, [h, W32], impl, backward, **kw)

@@ -19,7 +19,7 @@ from agpo.algo.stats import (
 
 
 def oracle_skew(xs, sigma_min=1e-6, kappa_max=10.0):
-    """SPEC step 1 skewness in plain Python floats."""
+    """The skewness of docs/algorithm.md#group-statistics in plain Python floats."""
     n = len(xs)
     if n < 2:
         return 0.0

@@ -105,7 +105,7 @@ def _designed_rewards(pattern):
 
 
 def _expected_tau(sigmas, baseline, ctl):
-    """SPEC steps 2-3 in float64, written out here: ``u = w_r sigma`` (w_e = w_k = 0), the
+    """docs/algorithm.md#temperature-controller in float64, written out here: ``u = w_r sigma`` (w_e = w_k = 0), the
     baseline kept at or above ``baseline_min``."""
     taus = []
     for s in sigmas:

@@ -61,3 +61,13 @@ def test_tensor_core_instructions_per_architecture(report):
         expect = {80: "mma", 90: "wgmma", 100: "tcgen05", 120: "mma"}[r["arch"]]
         assert r[expect] > 0, r
         assert sum(r[k] for k in ("mma", "wgmma", "tcgen05") if k != expect) == 0, r
+
+
+def test_row_kernel_moves_logits_in_128_bit_accesses(report):
+    """Built as it runs at the 14B head (V = 152064 is a multiple of 16), the row pass loads
+    its fp32 logits and stores dz 16 bytes at a time: it is bandwidth-bound, and scalar
+    accesses (what a build without V's divisibility shows) would be the slower kernel."""
+    rows = [r for r in report if r["kind"] == "rows"]
+    assert rows
+    for r in rows:
+        assert r["wide_global"] > 0, r

@@ -22,6 +22,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import agpo_kernels.integrations.trl as trl_module  # noqa: E402
 from agpo_kernels.integrations.trl import (  # noqa: E402
+    AGPOClipCallback,
     AGPOControllerCallback,
     AGPOGRPOTrainer,
     full_head,
@@ -263,10 +264,10 @@ def test_unsupported_config_falls_back_to_trl(model_dir, tmp_path):
 
 @pytest.mark.skipif(_controllers_missing() is not None,
                     reason=f"agpo.algo.controllers not importable yet: {_controllers_missing()}")
-def test_controller_callback_sets_per_sequence_eps(model_dir, tmp_path):
+def test_clip_callback_sets_per_sequence_eps(model_dir, tmp_path):
     from agpo.algo.controllers import ControllerConfig
 
-    cb = AGPOControllerCallback(ControllerConfig())
+    cb = AGPOClipCallback(ControllerConfig(adaptive_temp=False))
     trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, callbacks=[cb])
     trainer.train()
     assert trainer.state.global_step == 3
@@ -274,11 +275,45 @@ def test_controller_callback_sets_per_sequence_eps(model_dir, tmp_path):
     cfg = cb.controller.config
     eps = [h["agpo/eps_mean"] for h in trainer.state.log_history if "agpo/eps_mean" in h]
     assert eps and all(cfg.eps_min - 1e-6 <= e <= cfg.eps_max + 1e-6 for e in eps)
+    # What it does not do: no temperature is logged as if applied; TRL's one temperature samples.
+    logged = {k for h in trainer.state.log_history for k in h} | set(cb.last)
+    assert not any("tau" in k or k.startswith(("probe/", "controller/")) for k in logged), logged
+    assert {"agpo/vote_entropy", "agpo/reward_dispersion", "agpo/step_kl_ema"} <= set(cb.last), cb.last
+
+
+@pytest.mark.skipif(_controllers_missing() is not None,
+                    reason=f"agpo.algo.controllers not importable yet: {_controllers_missing()}")
+def test_clip_callback_is_the_clip_controller_alone():
+    from agpo.algo.controllers import AGPOController, ControllerConfig
+
+    assert AGPOClipCallback().controller.config.adaptive_temp is False
+    assert AGPOClipCallback().controller.config.adaptive_clip is True
+    with pytest.warns(UserWarning, match="adaptive_temp is ignored"):
+        cb = AGPOClipCallback(ControllerConfig())
+    assert cb.controller.config.adaptive_temp is False
+    with pytest.warns(UserWarning, match="adaptive_temp is ignored"):
+        cb = AGPOClipCallback(controller=AGPOController(ControllerConfig(eps_base=0.3)))
+    assert cb.controller.config.adaptive_temp is False and cb.controller.config.eps_base == 0.3
+    with pytest.warns(UserWarning, match="plain GRPO"):
+        AGPOClipCallback(ControllerConfig(adaptive_clip=False, adaptive_temp=False))
+    doc = trl_module.__doc__ + AGPOClipCallback.__doc__
+    assert "no probe group" in doc and "not** AGPO" in doc
+
+
+@pytest.mark.skipif(_controllers_missing() is not None,
+                    reason=f"agpo.algo.controllers not importable yet: {_controllers_missing()}")
+def test_old_callback_name_is_a_deprecated_alias(model_dir, tmp_path):
+    with pytest.warns(DeprecationWarning, match="AGPOClipCallback"):
+        cb = AGPOControllerCallback()
+    assert isinstance(cb, AGPOClipCallback) and cb.controller.config.adaptive_temp is False
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, callbacks=[cb])
+    trainer.train()
+    assert cb.controller.clip_steps >= 1
 
 
 def test_controller_callback_needs_controllers():
     if _controllers_missing() is None:
-        assert AGPOControllerCallback().controller is not None
+        assert AGPOClipCallback().controller is not None
     else:
         with pytest.raises(ImportError, match="agpo.algo.controllers"):
-            AGPOControllerCallback()
+            AGPOClipCallback()

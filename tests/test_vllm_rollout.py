@@ -111,6 +111,12 @@ def test_first_rollout_loads_the_policy_and_low_temperature_is_greedy(full):
     got, roll = engine_tokens(full, PROMPTS, GREEDY)
     assert got == hf_greedy(full.model, full.tokenizer, PROMPTS, 6)
     assert roll.engine == "vllm" and full.engine.syncs >= 1
+    # sized for the run (prompt cap + new tokens), not for the model's max_position_embeddings
+    engine = full.engine.llm.llm_engine
+    model_config = getattr(engine, "model_config", None) or engine.vllm_config.model_config
+    want = full.cfg.rollout.vllm_max_model_len
+    assert want and want <= full.model.config.max_position_embeddings
+    assert model_config.max_model_len == want
 
 
 def test_high_temperature_is_diverse_and_seeded_per_row(full):
@@ -165,6 +171,28 @@ def test_step_metrics_carry_the_mismatch(full):
     assert abs(m["rollout/tis_weight_mean"] - 1.0) < 1e-4
 
 
+def test_evaluation_through_the_engine_equals_hf_generate(full):
+    """Greedy evaluation completions from the engine (``complete``) equal HF
+    ``generate_completions`` on the policy: texts and token counts; so does the summary
+    ``Trainer.evaluate`` reports."""
+    from agpo.tasks.data import format_prompt
+    from agpo.tasks.evaluate import evaluate, generate_completions
+
+    problems = load_problems(full.cfg.data, split="test", limit=8)
+    prompts = [format_prompt(p, full.tokenizer) for p in problems]
+    got = full.engine.complete(prompts, max_new_tokens=6, weights_version=full.weights_version)
+    want = generate_completions(full.model, full.tokenizer, prompts, max_new_tokens=6, progress=False)
+    assert got == want
+    full.cfg.run.eval_max_new_tokens = 6
+    try:
+        s = full.evaluate(problems)
+    finally:
+        full.cfg.run.eval_max_new_tokens = None
+    ref = evaluate(full.model, full.tokenizer, problems, max_new_tokens=6, progress=False)["summary"]
+    for k in ("n", "accuracy", "generated_tokens", "no_answer_rate"):
+        assert s[k] == ref[k], k
+
+
 @pytest.mark.parametrize("level", [0, 2])
 def test_sleep_wake_keeps_the_synced_weights(full, level):
     """idle() (sleep) then the next rollout: at level 2 the weights count as discarded and
@@ -203,14 +231,15 @@ def test_lora_sync_sends_merged_weights(tmp_path):
         tr.close()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp,ckpt", [(1, False), (2, False), (1, True)])
 @pytest.mark.skipif(DEVICE != "cpu", reason="the 2-rank run uses gloo on CPU")
-def test_two_rank_fsdp_sync_under_torchrun(tp):
+def test_two_rank_fsdp_sync_under_torchrun(tp, ckpt):
     """2 ranks on gloo, FSDP2-sharded policy, external_launcher: one engine per rank (tp 1)
-    or one tensor-parallel engine over both (tp 2, sampling both ranks' prompts). After an
-    update each rank's rows decode like HF on the gathered, updated weights."""
+    or one tensor-parallel engine over both (tp 2, sampling both ranks' prompts); with
+    activation checkpointing (``--gradient-checkpointing``) too. After an update each
+    rank's rows decode like HF on the gathered, updated weights."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               AGPO_TEST_TP=str(tp))
+               AGPO_TEST_TP=str(tp), AGPO_TEST_CKPT=str(int(ckpt)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "vllm_fsdp_check.py")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -239,3 +268,57 @@ def test_train_cli_smollm2_carries_the_mismatch_figures(tmp_path):
         assert 0.99 < row["rollout/tis_weight_mean"] < 1.01
         assert row["perf/generate_tokens_per_s"] > 0 and row["time/weight_sync"] > 0
     assert (out / "final" / "config.json").is_file()
+
+
+WAKE_LOAD_RESET = ["release_cache", "wake:weights", "load_weights", "release_cache", "wake:kv_cache",
+                   "reset_prefix_cache"]
+
+
+def test_lifecycle_order_on_the_real_engine(tmp_path):
+    """The engine is built asleep; a training step wakes it (trainer cache released
+    first), loads the weights, resets the prefix cache, generates both phases and sleeps
+    before scoring; an evaluation does the same around one generate. (On the CPU backend
+    vLLM ignores sleep and wake; the calls and their order are what is checked.)"""
+    cfg = tiny_cfg(tmp_path, vllm_sleep_level=2)
+    model, tok = load_model_and_tokenizer("tiny", seed=0, device=DEVICE)
+    tr = Trainer(cfg, model, tok, load_problems(cfg.data, split="train"))
+    try:
+        life = tr.engine.lifecycle
+        assert life.events == ["sleep:2"] and tr.engine.sleeping
+        tr.step()
+        assert life.events == ["sleep:2", *WAKE_LOAD_RESET, "generate", "generate", "sleep:2"]
+        assert tr.engine.last_sync.tensors == len(tr.model.state_dict())
+        del life.events[:]
+        tr.evaluate(load_problems(cfg.data, split="test", limit=6))
+        assert life.events == [*WAKE_LOAD_RESET, "generate", "sleep:2"]
+    finally:
+        tr.close()
+
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.skipif(DEVICE != "cpu", reason="the 2-rank run uses gloo on CPU")
+def test_train_cli_torchrun_as_at_14b(tmp_path, lora):
+    """The 14B command's path, scaled down: ``torchrun -m agpo.train`` on 2 gloo ranks with
+    ``--gradient-checkpointing --rollout vllm``, a Qwen2 safetensors folder streamed into
+    the shards (LoRA too), the evaluation before and after RL through the engine. The
+    first sync is where wrapped names failed; the evaluation is where a gathered HF copy sat
+    beside the engine."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from small_qwen import write_small_qwen
+
+    folder = write_small_qwen(tmp_path / "qwen2", layers=2)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "agpo.train",
+           "--model", str(folder), "--gradient-checkpointing", "--rollout", "vllm", "--vllm-kv-cache-gib", "0.0625",
+           "--sft-steps", "0", "--steps", "2", "--eval-size", "4", "--prompts-per-step", "2", "--group-size", "2",
+           "--max-new-tokens", "6", "--dataset", "arith", "--device", "cpu", "--out-dir", str(out), "--no-progress"]
+    if lora:
+        cmd += ["--lora-rank", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "rollouts: vllm" in res.stdout and "weights read into the shards" in res.stdout
+    assert "eval_before" in res.stdout and "eval_after" in res.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["time/weight_sync"] > 0 for r in rows)

@@ -1,7 +1,9 @@
 """Run by tests/test_vllm_rollout.py under ``torchrun --nproc_per_node 2`` (gloo, CPU):
 an FSDP2-sharded tiny policy with colocated vLLM (external_launcher): one engine per rank,
 or with AGPO_TEST_TP=2 one tensor-parallel engine over both ranks (each rank's prompts
-sampled by the pair, each rank keeping its own rows).
+sampled by the pair, each rank keeping its own rows); with AGPO_TEST_CKPT=1 the layers are
+wrapped for activation checkpointing as ``--gradient-checkpointing`` wraps them (the
+engine's loader must get the checkpoint's names, not ``_checkpoint_wrapped_module.``).
 After a training step, each rank's engine must decode its own prompts exactly like HF
 greedy decoding on the gathered, updated weights. Prints FSDP-VLLM-OK per rank."""
 
@@ -33,7 +35,8 @@ from agpo.tasks.data import load_problems  # noqa: E402
 def main() -> None:
     env = init_distributed("cpu")
     tp = int(os.environ.get("AGPO_TEST_TP", "1"))
-    cfg = tiny_cfg(Path(tempfile.mkdtemp()), vllm_tensor_parallel_size=tp)
+    ckpt = os.environ.get("AGPO_TEST_CKPT") == "1"  # activation checkpointing: wrapped layer names
+    cfg = tiny_cfg(Path(tempfile.mkdtemp()), vllm_tensor_parallel_size=tp, gradient_checkpointing=ckpt)
     model, tok = load_model_and_tokenizer("tiny", seed=0)
     tr = Trainer(cfg, model, tok, load_problems(cfg.data, split="train"), env=env)
     assert tr.layout.sharded

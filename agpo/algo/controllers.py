@@ -21,22 +21,22 @@ False) the probe may be skipped: sample at ``tau_base``; ``clip_step`` returns `
 Sequences of group p take ``eps[p]`` / ``tau[p]``: ``eps.repeat_interleave(G)`` gives the
 per-sequence ``[P*G]`` form the loss takes.
 
-Map to SPEC section 1 (groups are processed in batch order where a state is carried):
+Map to docs/algorithm.md (groups are processed in batch order where a state is carried):
 
-- ``probe_statistics``     step 1: ``sigma_p``, ``k_p``, ``E`` (see ``agpo.algo.stats``).
-- ``uncertainty``          step 2: ``u = w_r*sigma_p + w_e*E + w_k*|k_p|``.
-- ``centre_uncertainty``   step 2: cold start (``b <= floor``: ``c = 0, b = u``) else
-                           ``c = (u - b)/(b + floor)``, ``b = a*u + (1-a)*b``.
-- ``temperature``          step 3: ``clamp(tau_base*(1 + lambda_temp*c), tau_min, tau_max)``.
-- ``AGPOController.advantages`` step 4 (``agpo.algo.stats.group_advantages``).
-- ``entropy_ratio``        step 6: ``h = clamp(H/(H_ref + floor), h_min, h_max)``; ``H_ref``
-                           (step 5) starts at the first H seen and is then an EMA with
+- ``probe_statistics``     #group-statistics: ``sigma_p``, ``k_p``, ``E`` (``agpo.algo.stats``).
+- ``uncertainty``          #temperature-controller: ``u = w_r*sigma_p + w_e*E + w_k*|k_p|``.
+- ``centre_uncertainty``   #temperature-controller: cold start (``b <= floor``: ``c = 0, b = u``)
+                           else ``c = (u - b)/(b + floor)``, ``b = a*u + (1-a)*b``.
+- ``temperature``          #temperature-controller: ``clamp(tau_base*(1 + lambda_temp*c), tau_min, tau_max)``.
+- ``AGPOController.advantages`` #advantages (``agpo.algo.stats.group_advantages``).
+- ``entropy_ratio``        #adaptive-clip: ``h = clamp(H/(H_ref + floor), h_min, h_max)``; ``H_ref``
+                           starts at the first H seen and is then an EMA with
                            ``h_ref_alpha``, updated after each group's clip.
-- ``adaptive_clip``        step 6: ``clamp(eps_base*h*(1 + delta*E)/denom, eps_min, eps_max)``,
+- ``adaptive_clip``        #adaptive-clip: ``clamp(eps_base*h*(1 + delta*E)/denom, eps_min, eps_max)``,
                            ``denom = 1 + alpha_var*sigma_p + gamma_stepkl*S + zeta_skew*|k_p|``.
-- ``step_kl``              step 8: ``mean over groups of max(0, kl_g)``; ``S = a*kl + (1-a)*S``.
+- ``step_kl``              #step-kl-drift: ``mean over groups of max(0, kl_g)``; ``S = a*kl + (1-a)*S``.
 
-Choices where the SPEC is silent: with a controller switched off its state (``b``,
+Choices the paper's formulas leave open: with a controller switched off its state (``b``,
 ``H_ref``) is still tracked, so logs stay meaningful and nothing jumps if it is switched
 on; the first group's ratio is the literal ``H/(H + 1e-8)``; ``S`` starts at 0; the base
 values must lie inside their clamps; entropies within ``NEGATIVE_ENTROPY_TOL`` below 0
@@ -72,7 +72,7 @@ NEGATIVE_ENTROPY_TOL = 1e-4
 
 @dataclass(kw_only=True)
 class ControllerConfig:
-    """Controller settings; defaults are the paper's released code (SPEC section 1)."""
+    """Controller settings; defaults are the paper's released code (docs/algorithm.md#defaults)."""
 
     adaptive_clip: bool = True
     """Adapt eps per group (step 6); False: eps = eps_base."""
@@ -190,7 +190,7 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 
 @dataclass(frozen=True)
 class ProbeStats:
-    """Per-group probe statistics of one step (SPEC steps 1-3), as tuples of floats."""
+    """Per-group probe statistics of one step (docs/algorithm.md#group-statistics), as tuples of floats."""
 
     sigma: tuple[float, ...]
     """Reward dispersion sigma_p."""
@@ -207,7 +207,7 @@ class ProbeStats:
 
 
 def probe_statistics(rewards, answers, cfg: ControllerConfig, extract: Extract | str = "config"):
-    """SPEC step 1 for ``P`` groups: ``(sigma [P], k [P], E [P])`` as float64 tensors.
+    """docs/algorithm.md#group-statistics for ``P`` groups: ``(sigma [P], k [P], E [P])`` as float64 tensors.
 
     ``answers``: ``P`` lists of ``G`` texts, read with ``cfg.vote_keys``'s extraction
     (``extract``: another function, or None for already-extracted keys).
@@ -228,12 +228,12 @@ def probe_statistics(rewards, answers, cfg: ControllerConfig, extract: Extract |
 
 
 def uncertainty(sigma: float, entropy: float, skew: float, cfg: ControllerConfig) -> float:
-    """SPEC step 2: ``u = w_r*sigma_p + w_e*E + w_k*|k_p|``."""
+    """docs/algorithm.md#temperature-controller: ``u = w_r*sigma_p + w_e*E + w_k*|k_p|``."""
     return cfg.w_r * sigma + cfg.w_e * entropy + cfg.w_k * abs(skew)
 
 
 def centre_uncertainty(u: float, baseline: float, cfg: ControllerConfig) -> tuple[float, float]:
-    """SPEC step 2: ``(c, new baseline)`` with the cold start at ``b <= floor``; the new
+    """docs/algorithm.md#temperature-controller: ``(c, new baseline)`` with the cold start at ``b <= floor``; the new
     baseline is kept at or above ``baseline_min``."""
     floor = cfg.uncertainty_floor
     if baseline <= floor:
@@ -243,20 +243,21 @@ def centre_uncertainty(u: float, baseline: float, cfg: ControllerConfig) -> tupl
 
 
 def temperature(c: float, cfg: ControllerConfig) -> float:
-    """SPEC step 3: bidirectional temperature; ``tau_base`` when ``adaptive_temp`` is off."""
+    """docs/algorithm.md#temperature-controller: bidirectional temperature; ``tau_base`` when
+    ``adaptive_temp`` is off."""
     if not cfg.adaptive_temp:
         return cfg.tau_base
     return _clamp(cfg.tau_base * (1.0 + cfg.lambda_temp * c), cfg.tau_min, cfg.tau_max)
 
 
 def entropy_ratio(h: float, h_ref: float, cfg: ControllerConfig) -> float:
-    """SPEC step 6: ``clamp(H / (H_ref + floor), h_min, h_max)``."""
+    """docs/algorithm.md#adaptive-clip: ``clamp(H / (H_ref + floor), h_min, h_max)``."""
     return _clamp(h / (h_ref + cfg.entropy_floor), cfg.h_min, cfg.h_max)
 
 
 def adaptive_clip(sigma: float, skew: float, entropy: float, h: float, step_kl_ema: float,
                   cfg: ControllerConfig) -> float:
-    """SPEC step 6: eps of one group from its probe stats, ``h`` and ``S``; ``eps_base`` if off."""
+    """docs/algorithm.md#adaptive-clip: eps of one group from its probe stats, ``h`` and ``S``; ``eps_base`` if off."""
     if not cfg.adaptive_clip:
         return cfg.eps_base
     denom = 1.0 + cfg.alpha_var * sigma + cfg.gamma_stepkl * step_kl_ema + cfg.zeta_skew * abs(skew)
@@ -265,7 +266,7 @@ def adaptive_clip(sigma: float, skew: float, entropy: float, h: float, step_kl_e
 
 
 def step_kl(kl_per_group) -> float:
-    """SPEC step 8: mean over groups of ``max(0, kl_g)``."""
+    """docs/algorithm.md#step-kl-drift: mean over groups of ``max(0, kl_g)``."""
     kl = as_groups(kl_per_group, "kl_per_group")
     if kl.dim() != 1:
         raise ValueError(f"kl_per_group: expected a [P] tensor, got shape {tuple(kl.shape)}")
@@ -305,7 +306,8 @@ class AGPOController:
         """Whether ``clip_step`` already consumed ``probe``."""
 
     def probe_step(self, rewards, answers, *, extract: Extract | str = "config") -> torch.Tensor:
-        """SPEC steps 1-3 for all groups of a step, in order; returns tau, float32 ``[P]``.
+        """Probe statistics and temperatures (docs/algorithm.md#temperature-controller) for all
+        groups of a step, in order; returns tau, float32 ``[P]``.
 
         ``rewards``: probe rewards ``[P, G]``; ``answers``: ``P`` lists of ``G`` response
         texts, read with the configured ``vote_keys`` (``extract=None``: already-extracted
@@ -329,11 +331,13 @@ class AGPOController:
         return torch.tensor(taus, dtype=torch.float32)
 
     def advantages(self, rewards) -> torch.Tensor:
-        """SPEC step 4 with the configured dispersion: train rewards ``[P, G]`` -> float32 ``[P, G]``."""
+        """Advantages (docs/algorithm.md#advantages) with the configured dispersion: train rewards
+        ``[P, G]`` -> float32 ``[P, G]``."""
         return group_advantages(rewards, self.config.dispersion, self.config.adv_floor).to(torch.float32)
 
     def clip_step(self, policy_entropy) -> torch.Tensor:
-        """SPEC steps 5-6: per-group token-mean policy entropy ``H [P]`` -> eps, float32 ``[P]``.
+        """The adaptive clip (docs/algorithm.md#adaptive-clip): per-group token-mean policy entropy
+        ``H [P]`` -> eps, float32 ``[P]``.
 
         Each group's clip uses ``H_ref`` from before that group's update. Needs this step's
         ``probe_step`` first when ``adaptive_clip`` is on.
@@ -365,7 +369,8 @@ class AGPOController:
         return torch.tensor(eps, dtype=torch.float32)
 
     def update_step_kl(self, kl_per_group) -> float:
-        """SPEC step 8 after the update: ``S = a*kl_step + (1-a)*S``; returns ``kl_step``."""
+        """Step-KL drift (docs/algorithm.md#step-kl-drift) after the update: ``S = a*kl_step +
+        (1-a)*S``; returns ``kl_step``."""
         kl = step_kl(kl_per_group)
         a = self.config.ema_alpha
         self.step_kl_ema = a * kl + (1.0 - a) * self.step_kl_ema

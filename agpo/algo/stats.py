@@ -2,23 +2,23 @@
 
 A *group* is the ``G`` responses sampled for one prompt. Every function here works on the
 last dimension of a ``[..., G]`` reward tensor (usually ``[P, G]``: ``P`` prompts of a
-step) and returns one value per group, in float64. SPEC section 1:
+step) and returns one value per group, in float64. docs/algorithm.md#group-statistics:
 
-- ``dispersion``       step 1, ``sigma = disp(r)``: ``std`` (unbiased; 0 when G < 2),
+- ``dispersion``        ``sigma = disp(r)``: ``std`` (unbiased; 0 when G < 2),
                        ``mad`` (1.4826 * median|r - median r|), ``iqr``
                        ((q75 - q25) / 1.349).
-- ``skewness``         step 1, ``k``: adjusted Fisher-Pearson
+- ``skewness``          ``k``: adjusted Fisher-Pearson
                        ``sqrt(n(n-1))/(n-2) * mean(((r - mean)/std)^3)`` (factor only for
                        n > 2), 0 when std < ``sigma_min``, clamped to ``[-kappa_max, kappa_max]``.
-- ``vote_entropy``     step 1, ``E``: Shannon entropy (nats) of the empirical distribution
+- ``vote_entropy``      ``E``: Shannon entropy (nats) of the empirical distribution
                        of one group's extracted final answers.
 - ``group_vote_entropy`` the same for ``P`` groups of answer texts; the extraction is
                        ``agpo.tasks.rewards.answer_key`` (shared with the rewards, not rewritten)
                        or, for the paper's recipe, ``raw_answer_key`` (``VOTE_KEYS``).
-- ``group_advantages`` step 4, ``A_i = (r_i - mean r) / max(disp(r), floor)`` with the
+- ``group_advantages`` (#advantages) ``A_i = (r_i - mean r) / max(disp(r), floor)`` with the
                        fall-back to std and ``A = 0`` for all-equal rewards.
 
-Conventions the SPEC leaves open (chosen here): ``std`` in the skewness is the same
+Conventions the paper leaves open (chosen here): ``std`` in the skewness is the same
 unbiased std as the dispersion (as in the paper's released code); medians and quartiles
 interpolate linearly between order statistics (``numpy.quantile`` default, so the median
 of an even group is the mean of its two middle values); "disp ~ 0" in step 4 means
@@ -79,7 +79,8 @@ def unbiased_std(rewards) -> torch.Tensor:
 
 
 def dispersion(rewards, kind: str = "std") -> torch.Tensor:
-    """``disp(r)`` per group (SPEC step 1): ``std``, ``mad`` or ``iqr``; ``[..., G] -> [...]``."""
+    """``disp(r)`` per group (docs/algorithm.md#group-statistics): ``std``, ``mad`` or ``iqr``;
+    ``[..., G] -> [...]``."""
     if kind not in DISPERSIONS:
         raise ValueError(f"kind: expected one of {DISPERSIONS}, got {kind!r}")
     r = as_groups(rewards)
@@ -93,7 +94,7 @@ def dispersion(rewards, kind: str = "std") -> torch.Tensor:
 
 
 def skewness(rewards, sigma_min: float = 1e-6, kappa_max: float = 10.0) -> torch.Tensor:
-    """Adjusted Fisher-Pearson skewness per group with the SPEC step 1 guards.
+    """Adjusted Fisher-Pearson skewness per group with the guards of docs/algorithm.md#group-statistics.
 
     ``sqrt(n(n-1))/(n-2) * mean(((r - mean)/std)^3)`` with the unbiased std; the factor is
     applied only for n > 2; 0 where std < ``sigma_min`` (or std is 0); clamped to
@@ -188,7 +189,7 @@ def group_vote_entropy(answers: Sequence[Sequence[str]],
 
 
 def group_advantages(rewards, kind: str = "std", floor: float = 1e-8) -> torch.Tensor:
-    """Group-normalised advantages (SPEC step 4), ``[..., G] -> [..., G]`` float64.
+    """Group-normalised advantages (docs/algorithm.md#advantages), ``[..., G] -> [..., G]`` float64.
 
     ``A_i = (r_i - mean r) / max(disp(r), floor)``; where ``disp <= floor`` but the rewards
     are not all equal, std replaces ``disp``; groups of all-equal rewards (and G = 1) get

@@ -6,6 +6,7 @@
 - ``trainer``: one AGPO / GRPO step: rollouts, rewards, controllers, the update.
 - ``sft``: the supervised warm-up.
 - ``schedule``: prompt order and the learning-rate schedule.
+- ``preflight``: the checks of a run's config against the machine, before anything loads.
 - ``launch``: one whole run from a ``TrainConfig`` (``run``).
 
 May import: everything below it (``algo``, ``tasks``, ``rollout``, ``scale``, ``runtime``,

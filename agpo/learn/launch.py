@@ -1,6 +1,8 @@
 """One training run from a ``TrainConfig``: ``run(cfg)`` (and ``resolve_defaults``).
 
-Resolves the model-dependent defaults, finds a checkpoint to continue from, loads (or
+Resolves the model-dependent defaults, checks the config against the machine
+(``agpo.learn.preflight``), reads the data (``training_problems``: the held-out problems are
+never training ones), finds a checkpoint to continue from, loads (or
 streams into shards) the model, runs the supervised warm-up and the evaluation before RL,
 then the RL steps with their checkpoints, preemption handling and metrics, the export and
 the final evaluation. Under torchrun every rank calls ``run``; rank 0 writes the run
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 
 from agpo.config import ConfigError, TrainConfig
 from agpo.learn.policy import Policy
+from agpo.learn.preflight import preflight, remove_run_files
 from agpo.learn.sft import supervised_warmup
 from agpo.learn.trainer import Trainer
 from agpo.models import (
@@ -44,12 +48,16 @@ from agpo.scale.distributed import (
 )
 from agpo.scale.liger import apply_liger, wants_liger
 from agpo.scale.loading import empty_model, weights_dir
-from agpo.tasks.data import held_out, load_problems
+from agpo.scale.memory import refusal
+from agpo.scale.memory import resolve as resolve_memory
+from agpo.scale.memory import summary as memory_summary
+from agpo.tasks.data import carves_held_out, held_out, load_problems, overlap_count, split_training_file
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill the model-dependent defaults (task, completion cap, micro-batch, warm-up length)
-    and the device."""
+    """Fill the model-dependent defaults (task, completion cap, warm-up length), the device, and
+    the memory settings left unset (``agpo.scale.memory.resolve``); on CUDA, refuse a run whose
+    memory plan does not fit (``ConfigError`` naming the flag to change)."""
     preset = PRESETS.get(cfg.model.model)
     if cfg.data.dataset is None:  # the preset's task; any other model: GSM8K
         cfg.data.dataset = preset.dataset if preset else "gsm8k"
@@ -57,8 +65,6 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.rollout.max_new_tokens is None:
         cfg.rollout.max_new_tokens = preset.max_new_tokens if preset else 512
-    if cfg.optim.micro_batch_tokens is None:
-        cfg.optim.micro_batch_tokens = preset.micro_batch_tokens if preset else 8192
     if cfg.warmup.sft_steps is None:
         cfg.warmup.sft_steps = 300 if (cfg.model.model == "tiny" and cfg.data.dataset == "arith") else 0
     cfg.rollout.engine = resolve_engine(cfg.rollout.engine, cfg.model.device)
@@ -66,7 +72,43 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.loss.tis = resolve_tis(cfg.loss.tis, cfg.rollout.engine, cfg.loss.score_temperature)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # the unset memory settings (micro-batch, checkpointing, vLLM's share, TP, max_model_len) from the
+    # memory plan, so config.yaml records them; on CUDA a plan that does not fit ends the run (exit 2)
+    plan = resolve_memory(cfg)
+    if plan is not None and str(cfg.model.device).startswith("cuda"):
+        if refusal(plan) is not None:
+            raise refusal(plan)
+        if os.environ.get("RANK", "0") == "0":
+            print(memory_summary(plan), flush=True)
     return cfg
+
+
+def training_problems(cfg: TrainConfig) -> tuple[list, list, str]:
+    """``(train, held_out, what)``: the training problems, the held-out evaluation's (at most
+    ``--eval-size``; none when it is 0) and a line saying where the held-out ones come from
+    and how many of them are also training problems (0 unless the files given overlap)."""
+    d, n = cfg.data, cfg.run.eval_size
+    if carves_held_out(d):  # one file for both: hold a seeded part of it out, train on the rest
+        train, test = split_training_file(d)
+        where = (f"{len(test)} of the {len(train) + len(test)} problems of --data-path {d.path} held out "
+                 f"(seeded by --data-seed; at most --test-size {d.test_size}), never trained on")
+        test = test[:n] if n else []
+    else:
+        train = load_problems(d, split="train")
+        test = load_problems(held_out(d), split="test", limit=n) if n else []
+        src = held_out(d)
+        where = (f"--eval-data-path {src.eval_path}" if src.eval_path else
+                 f"--data-path {src.path}" if src.path else f"the {src.dataset or 'arith'} test split")
+    if not test:
+        return train, test, "agpo: no held-out evaluation (--eval-size 0)" + (
+            f"; {where.split(' (')[0]} all the same (the split does not depend on --eval-size)"
+            if carves_held_out(d) else "")
+    overlap = overlap_count(test, train)
+    line = f"agpo: held-out evaluation on {len(test)} problems ({where}); {overlap} of them also among the " \
+           f"{len(train)} training problems"
+    if overlap:
+        line += " -- the held-out accuracy is partly training accuracy; pass a disjoint --eval-data-path"
+    return train, test, line
 
 
 def _seed_everything(seed: int) -> None:
@@ -92,10 +134,10 @@ def _find_start(cfg: TrainConfig, out: Path, ref_dir: Path, env: DistEnv) -> tup
 
 def _streamed_weights(cfg: TrainConfig, env: DistEnv, source: str, resuming: bool) -> Path | None:
     """The safetensors folder the ranks read their shards from (``agpo.scale.loading``), or None
-    for the plain path: one process, LoRA, a warm-up still to run (it trains a replicated
+    for the plain path: one process, a warm-up still to run (it trains a replicated
     model), or weights that are no local safetensors folder. Rank 0 finds it (converting
     the SmolLM2 preset once) and tells the others."""
-    if not env.distributed or cfg.model.lora_rank or (cfg.warmup.sft_steps and not resuming):
+    if not env.distributed or (cfg.warmup.sft_steps and not resuming):
         return None
     return broadcast_object(weights_dir(source) if env.is_main else None, env)
 
@@ -120,14 +162,19 @@ def _reference(cfg: TrainConfig, model, ref_dir: Path | None, saved: dict | None
 def run(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the summary (also written to ``summary.json``). Under
     torchrun every rank calls it; rank 0 writes the run directory."""
+    notes = preflight(cfg)  # every check that needs no model, before anything is read or loaded
     cfg = resolve_defaults(cfg)
     env = init_distributed(cfg.model.device, timeout_s=cfg.run.dist_timeout)
+    for note in notes:
+        _say(env, note)
     out = Path(cfg.run.out_dir)
     ref_dir = out / "reference"   # the warmed-up start: the KL reference and the LoRA base
     resume, have_ref = _find_start(cfg, out, ref_dir, env)
     saved = ckpt.load_state(resume) if resume else None
     if saved:
         ckpt.check_compatible(saved["config"], cfg.to_dict())
+    train_problems, eval_problems, data_note = training_problems(cfg)  # data errors before the model loads
+    _say(env, data_note)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.run.seed)
@@ -150,12 +197,12 @@ def run(cfg: TrainConfig) -> dict:
         tok = prepare_tokenizer(model, AutoTokenizer.from_pretrained(str(stream)))
     else:
         model, tok = load_model_and_tokenizer(source, seed=cfg.run.seed, **load_kw)
-    train_problems = load_problems(cfg.data, split="train")
-    eval_problems = load_problems(held_out(cfg.data), split="test", limit=cfg.run.eval_size) if cfg.run.eval_size else []
 
     events: dict = dict(saved.get("events", {})) if saved else {}
     if not saved:
         if env.is_main:
+            if cfg.run.overwrite:  # preflight allowed it and said so: the earlier run's files go
+                remove_run_files(out)
             (out / "config.yaml").write_text(_yaml(cfg.to_dict()))
             shutil.rmtree(ref_dir, ignore_errors=True)  # an earlier run's start is not this run's
         if cfg.warmup.sft_steps:  # replicated on every rank, before sharding: small models only

@@ -1,4 +1,4 @@
-"""One AGPO training step (SPEC section 1), and the state a checkpoint needs to continue it.
+"""One AGPO training step (docs/algorithm.md#one-training-step), and the state a checkpoint needs to continue it.
 
 ``Trainer.step()``:
 
@@ -454,16 +454,35 @@ class Trainer:
         return float(sum(correct_many(roll.texts, refs, verifier=self.verifier)))
 
     def evaluate(self, problems: list[Problem]) -> dict:
-        """Greedy held-out accuracy (``agpo.tasks.evaluate.evaluate``), each rank a block of problems
-        (ranks may make different numbers of ``generate`` calls: the model is gathered)."""
+        """Greedy held-out accuracy (``agpo.tasks.evaluate.evaluate``), each rank a block of problems.
+
+        With an engine that holds its own weights (vLLM) the completions come from it: woken,
+        synced to the current weights, put back to sleep afterwards; the policy is never
+        gathered beside it (``agpo.rollout.lifecycle``). Otherwise HF ``generate`` on the
+        gathered policy (ranks may make different numbers of calls), with any engine asleep."""
         cfg = self.cfg
         batch_size = cfg.rollout.generation_batch_size or 64
         n, world, rank = len(problems), self.env.world_size, self.env.rank
         mine = problems[rank * n // world:(rank + 1) * n // world]
         cap = cfg.run.eval_max_new_tokens or cfg.rollout.max_new_tokens
-        with self.layout.generation() as model:
-            s = evaluate(model, self.tokenizer, mine, max_new_tokens=cap, batch_size=batch_size, seed=cfg.run.seed,
-                         progress=False)["summary"] if mine else None
+        if self.engine.holds_weights:
+            def complete(prompts, **kw):
+                return self.engine.complete(prompts, weights_version=self.weights_version, **kw)
+
+            try:
+                if mine:
+                    s = evaluate(None, self.tokenizer, mine, max_new_tokens=cap, seed=cfg.run.seed, progress=False,
+                                 generate=complete)["summary"]
+                else:  # the engine call is collective: every rank makes it
+                    s = None
+                    complete([], max_new_tokens=cap)
+            finally:
+                self.engine.idle()
+        else:
+            self.engine.idle()
+            with self.layout.generation() as model:
+                s = evaluate(model, self.tokenizer, mine, max_new_tokens=cap, batch_size=batch_size,
+                             seed=cfg.run.seed, progress=False)["summary"] if mine else None
         if not self.env.distributed:
             return s
         parts = [q for q in self._gather(s) if q is not None]

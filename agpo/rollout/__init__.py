@@ -5,8 +5,11 @@
 - ``hf``: ``generate`` on the policy with counter-based inverse-CDF sampling (the default on
   CPUs and the reference the tests compare against);
 - ``vllm``: a colocated vLLM engine with weight sync and sleep mode;
+- ``lifecycle``: that engine's sleep / wake / load order as a recorded state machine
+  (caches released before every wake and after every load);
 - ``noise``: per-row keys (and the HF engine's per-step uniforms);
-- ``weights``: the policy's weights streamed for an engine that holds its own copy;
+- ``weights``: the policy's weights streamed for an engine that holds its own copy (one
+  all-gather per FSDP unit, in the engine's dtype);
 - ``correction``: engine vs trainer log-prob mismatch and truncated importance sampling.
 
 ``make_engine`` builds the engine a config asks for; ``resolve_engine`` turns ``auto`` into
@@ -56,4 +59,5 @@ def make_engine(cfg, layout, tokenizer, *, dtype: torch.dtype) -> RolloutEngine:
 
     return VLLMEngine(layout, tokenizer, dtype=dtype, seed=cfg.run.seed, tensor_parallel_size=r.vllm_tensor_parallel_size,
                       gpu_memory_utilization=r.vllm_gpu_memory_utilization, kv_cache_gib=r.vllm_kv_cache_gib,
-                      sleep_level=r.vllm_sleep_level, enforce_eager=r.vllm_enforce_eager)
+                      sleep_level=r.vllm_sleep_level, enforce_eager=r.vllm_enforce_eager,
+                      max_model_len=r.vllm_max_model_len)

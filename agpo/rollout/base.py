@@ -57,6 +57,10 @@ class RolloutEngine(abc.ABC):
     it when the version it last loaded differs (collective under torchrun)."""
 
     name: str = "?"
+    holds_weights: bool = False
+    """The engine samples from its own copy of the weights (a colocated vLLM): the held-out
+    evaluation then runs through it (``complete``) instead of gathering the policy for HF
+    ``generate``."""
 
     @abc.abstractmethod
     def sample(self, prompts: list[str], tau: torch.Tensor, *, group_size: int, max_new_tokens: int,
@@ -64,6 +68,13 @@ class RolloutEngine(abc.ABC):
                stream: int = 0, row_offset: int = 0, weights_version: int = 0) -> Rollout:
         """``group_size`` samples of each prompt, prompt ``p``'s rows at ``tau[p]``; row ``r``
         is global row ``row_offset + r``."""
+
+    def complete(self, prompts: list[str], *, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                 max_new_tokens: int, add_special_tokens: bool = True, stop: str | None = None, seed: int = 0,
+                 weights_version: int = 0) -> tuple[list[list[str]], list[list[int]]]:
+        """Evaluation completions (texts and generated-token counts per prompt) from an
+        engine that ``holds_weights``; the others evaluate through HF ``generate``."""
+        raise NotImplementedError(f"the {self.name} engine does not evaluate; use agpo.tasks.evaluate")
 
     def idle(self) -> None:
         """No rollout follows before the next optimiser step: free what can be freed (a

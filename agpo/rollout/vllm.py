@@ -9,8 +9,8 @@ hands it tensors, not files or IPC handles.
 The engine is built from the policy's *config* and tokenizer only (``load_format="dummy"``:
 random weights, no second read of the checkpoint); every rollout first checks that the
 engine holds the policy's current weights (``weights_version``, bumped by each optimiser
-step) and otherwise streams them in (``agpo.rollout.weights.policy_weights``: full model,
-FSDP2 shards gathered one parameter at a time, LoRA merged) through the worker's
+step) and otherwise streams them in (``agpo.rollout.weights.policy_weights``: full model in
+the engine's dtype, FSDP2 shards gathered one FSDP unit at a time, LoRA merged) through the worker's
 ``reload_weights`` (which re-runs the kernel-format processing, e.g. the CPU backend's
 packed GEMM weights that a plain ``load_weights`` would leave stale), then resets the
 prefix cache (KV blocks computed with the old weights must not be reused).
@@ -22,11 +22,19 @@ Sampling: one ``SamplingParams`` per row: temperature ``tau[p]`` (the probe at
 config, ``logprobs=0`` with ``logprobs_mode="processed_logprobs"``: the log-prob of the
 sampled token after temperature and top-p, i.e. under the distribution sampled from.
 
-Sleep mode (``--vllm-sleep-level``, CUDA only in vLLM): after a step's last rollout the
+Lifecycle (``agpo.rollout.lifecycle``, ``--vllm-sleep-level``, sleep is CUDA only in
+vLLM): the engine is put to sleep right after it is built; each rollout phase and each
+evaluation wakes it (PyTorch's cached CUDA blocks released first: vLLM maps its memory
+outside that allocator), loads the weights if needed (then releases the cache again and
+resets the prefix cache); after a step's last rollout and after an evaluation the
 trainer calls ``idle()``: level 1 offloads the weights to host memory and frees the KV
-cache, level 2 frees both. The next rollout wakes the weights, syncs (always after level
-2: the weights are gone), then wakes the KV cache. The CPU backend has no sleep mode: the
-calls are made and vLLM ignores them (the engine stays resident).
+cache, level 2 frees both (the next wake always re-syncs). So the engine is asleep during
+scoring, the update and any HF-side work. ``lifecycle.events`` records the order. The CPU
+backend has no sleep mode: the calls are made and vLLM ignores them (the engine stays
+resident).
+
+Evaluation goes through the engine (``complete``: greedy or sampled completions of
+the held-out prompts), not through HF ``generate`` on a gathered copy of the model.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ import weakref
 import torch
 
 from agpo.rollout.base import Rollout, RolloutEngine, assemble, check_request, stop_ids
+from agpo.rollout.lifecycle import EngineLifecycle
 from agpo.rollout.noise import row_keys
-from agpo.rollout.weights import policy_weights
+from agpo.rollout.weights import SyncStats, policy_weights
 from agpo.scale.distributed import gather_objects
 from agpo.scale.lora import base_model
 
@@ -97,22 +106,23 @@ class VLLMEngine(RolloutEngine):
     """A colocated vLLM engine that samples from the policy's current weights."""
 
     name = "vllm"
+    holds_weights = True
 
     def __init__(self, layout, tokenizer, *, dtype: torch.dtype, seed: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: float | None = None, sleep_level: int = 2,
-                 enforce_eager: bool | None = None, max_num_seqs: int = 256):
+                 enforce_eager: bool | None = None, max_num_seqs: int = 256, max_model_len: int | None = None):
         self.version = check_vllm()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: weights by reference
         from vllm import LLM
         from vllm.platforms import current_platform
 
         self.layout, self.tokenizer, self.env = layout, tokenizer, layout.env
-        self.tp = int(tensor_parallel_size)
+        self.tp = int(tensor_parallel_size or 1)  # None: not resolved (resolve_defaults fills it)
         if self.env.world_size % self.tp:
             raise ValueError(f"--vllm-tensor-parallel-size {self.tp}: must divide the world size {self.env.world_size}")
         if sleep_level not in (0, 1, 2):
             raise ValueError(f"--vllm-sleep-level: expected 0, 1 or 2, got {sleep_level}")
-        self.sleep_level = sleep_level
+        self.dtype = dtype
         self.can_sleep = bool(current_platform.is_sleep_mode_available())
         on_cpu = self.env.device.type == "cpu"
         base = base_model(layout.model)
@@ -126,11 +136,13 @@ class VLLMEngine(RolloutEngine):
         kw = dict(model=self.folder, tokenizer=self.folder, dtype=str(dtype).removeprefix("torch."), seed=seed,
                   load_format="dummy", logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                   generation_config="vllm", tensor_parallel_size=self.tp, max_num_seqs=max_num_seqs,
-                  gpu_memory_utilization=gpu_memory_utilization,
+                  gpu_memory_utilization=0.3 if gpu_memory_utilization is None else gpu_memory_utilization,
                   enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
                   enable_sleep_mode=self.can_sleep and sleep_level > 0, disable_log_stats=True)
         if kv_cache_gib is not None or on_cpu:  # the CPU backend would otherwise reserve 92% of RAM
             kw["kv_cache_memory_bytes"] = int((1.0 if kv_cache_gib is None else kv_cache_gib) * 2**30)
+        if max_model_len:  # else vLLM sizes for max_position_embeddings (131072 for Qwen2.5)
+            kw["max_model_len"] = int(max_model_len)
         if on_cpu:  # CPU default blocks of 128 tokens: shorter prompts would never share their KV
             kw["block_size"] = 32
         if self.env.distributed:
@@ -139,42 +151,69 @@ class VLLMEngine(RolloutEngine):
         if getattr(self.llm.llm_engine, "model_executor", None) is None:
             raise VLLMUnavailable("vLLM started its engine in a separate process although "
                                   "VLLM_ENABLE_V1_MULTIPROCESSING=0 was set; this vLLM is not supported")
-        self.synced: int | None = None      # weights_version the engine holds (None: dummy / discarded)
-        self.sleeping = False
         self.syncs = 0                      # weight loads so far (tests and metrics)
+        self.last_sync: SyncStats | None = None
+        self._sync_s = 0.0
+        self.lifecycle = EngineLifecycle(self._Backend(self), sleep_level=sleep_level)
+        self.lifecycle.start()              # built asleep: nothing of it resident until the first rollout
+
+    class _Backend:
+        """The vLLM calls the lifecycle makes."""
+
+        def __init__(self, engine: "VLLMEngine"):
+            self.engine = engine
+
+        def sleep(self, level: int) -> None:
+            self.engine.llm.sleep(level=level)
+
+        def wake_up(self, tags: list[str]) -> None:
+            self.engine.llm.wake_up(tags=tags)
+
+        def load_weights(self) -> None:
+            self.engine._load_weights()
+
+        def reset_prefix_cache(self) -> None:
+            self.engine.llm.reset_prefix_cache()
+
+    @property
+    def sleep_level(self) -> int:
+        return self.lifecycle.sleep_level
+
+    @sleep_level.setter
+    def sleep_level(self, level: int) -> None:
+        if level not in (0, 1, 2):
+            raise ValueError(f"--vllm-sleep-level: expected 0, 1 or 2, got {level}")
+        self.lifecycle.sleep_level = level
+
+    @property
+    def synced(self) -> int | None:
+        """The ``weights_version`` the engine holds (None: dummy or discarded)."""
+        return self.lifecycle.synced
+
+    @property
+    def sleeping(self) -> bool:
+        return self.lifecycle.asleep
 
     # -- weights -----------------------------------------------------------------------
-    def _load_weights(self) -> float:
-        """Stream the policy's weights into the engine; collective under torchrun."""
+    def _load_weights(self) -> None:
+        """Stream the policy's weights into the engine in its dtype; collective under torchrun."""
         t0 = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=policy_weights(self.layout.model),
-                                                              is_checkpoint_format=True))
-        self.llm.reset_prefix_cache()
+        stats = SyncStats()
+        self.llm.collective_rpc("reload_weights", kwargs=dict(
+            weights_iterator=policy_weights(self.layout.model, dtype=self.dtype, stats=stats),
+            is_checkpoint_format=True))
         self.syncs += 1
-        return time.perf_counter() - t0
+        self.last_sync = stats
+        self._sync_s = time.perf_counter() - t0
 
     def _ready(self, weights_version: int) -> float:
         """Awake with the policy's weights ``weights_version``; returns the sync seconds."""
-        if self.sleeping:
-            self.llm.wake_up(tags=["weights"])
-        spent = 0.0
-        if self.synced != weights_version:
-            spent = self._load_weights()
-            self.synced = weights_version
-        if self.sleeping:
-            self.llm.wake_up(tags=["kv_cache"])
-            self.sleeping = False
-        return spent
+        return self._sync_s if self.lifecycle.ready(weights_version) else 0.0
 
     def idle(self) -> None:
-        """No rollout until the next optimiser step: free the KV cache (level 1: and
-        offload the weights; level 2: and discard them)."""
-        if self.sleep_level == 0 or self.sleeping:
-            return
-        self.llm.sleep(level=self.sleep_level)
-        self.sleeping = True
-        if self.sleep_level == 2:
-            self.synced = None  # discarded: the next rollout must load them again
+        """No rollout until the next optimiser step (or after an evaluation): sleep (level
+        1: offload the weights; level 2: discard them; 0: stay resident)."""
+        self.lifecycle.idle()
 
     # -- sampling ----------------------------------------------------------------------
     def _group_requests(self, request: dict) -> tuple[list[dict], int]:
@@ -186,14 +225,16 @@ class VLLMEngine(RolloutEngine):
         first = (self.env.rank // self.tp) * self.tp
         return everyone[first:first + self.tp], self.env.rank - first
 
-    def sample(self, prompts, tau, *, group_size, max_new_tokens, top_p=1.0, stop=None, add_special_tokens=True,
-               seed=0, stream=0, row_offset=0, weights_version=0) -> Rollout:
+    def _generate(self, prompts, tau: list[float], *, group_size, max_new_tokens, top_p, stop, add_special_tokens,
+                  seed, stream, row_offset, weights_version):
+        """vLLM's outputs for this rank's rows (``group_size`` per prompt) and the seconds the
+        generate call took. Collective under torchrun (weight sync; a tensor-parallel group
+        samples the union of its ranks' requests), also with no prompts on this rank."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        tau = check_request(prompts, tau, top_p)
         sync_s = self._ready(weights_version)
-        request = dict(prompts=prompts, tau=tau.tolist(), row_offset=row_offset)
+        request = dict(prompts=prompts, tau=tau, row_offset=row_offset)
         members, me = self._group_requests(request)
         inputs, params, spans = [], [], []
         for q in members:
@@ -210,10 +251,17 @@ class VLLMEngine(RolloutEngine):
                         repetition_penalty=1.0))
             spans.append((start, len(inputs)))
         t0 = time.perf_counter()
-        outs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
+        outs = self.lifecycle.generate(lambda: self.llm.generate(inputs, params, use_tqdm=False) if inputs else [])
         seconds = time.perf_counter() - t0
-        outs = outs[spans[me][0]:spans[me][1]]
+        return outs[spans[me][0]:spans[me][1]], seconds, sync_s
 
+    def sample(self, prompts, tau, *, group_size, max_new_tokens, top_p=1.0, stop=None, add_special_tokens=True,
+               seed=0, stream=0, row_offset=0, weights_version=0) -> Rollout:
+        tau = check_request(prompts, tau, top_p)
+        outs, seconds, sync_s = self._generate(prompts, tau.tolist(), group_size=group_size,
+                                               max_new_tokens=max_new_tokens, top_p=top_p, stop=stop,
+                                               add_special_tokens=add_special_tokens, seed=seed, stream=stream,
+                                               row_offset=row_offset, weights_version=weights_version)
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
         ids = enc["input_ids"].repeat_interleave(group_size, 0)
         mask = enc["attention_mask"].repeat_interleave(group_size, 0)
@@ -234,6 +282,32 @@ class VLLMEngine(RolloutEngine):
                         engine="vllm", lengths=lengths)
         roll.sync_seconds = sync_s
         return roll
+
+    def complete(self, prompts: list[str], *, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                 max_new_tokens: int, add_special_tokens: bool = True, stop: str | None = None, seed: int = 0,
+                 weights_version: int = 0) -> tuple[list[list[str]], list[list[int]]]:
+        """Evaluation through the engine: ``samples`` completions per prompt (temperature 0:
+        greedy) as texts cut at EOS and ``stop``, and their generated-token counts, like
+        ``agpo.tasks.evaluate.generate_completions``. Collective under torchrun (every rank
+        calls it once, with its own share of the prompts, possibly none). The engine is
+        left awake: the caller puts it to sleep (``idle``)."""
+        if samples < 1:
+            raise ValueError(f"samples: expected >= 1, got {samples}")
+        tau = [float(temperature)] * len(prompts)
+        outs, _, _ = self._generate(prompts, tau, group_size=samples, max_new_tokens=max_new_tokens, top_p=top_p,
+                                    stop=stop, add_special_tokens=add_special_tokens, seed=seed, stream=1 << 20,
+                                    row_offset=0, weights_version=weights_version)
+        texts: list[list[str]] = [[] for _ in prompts]
+        counts: list[list[int]] = [[] for _ in prompts]
+        for r, o in enumerate(outs):
+            toks = list(o.outputs[0].token_ids)
+            n = next((i + 1 for i, t in enumerate(toks) if t in self.eos_ids), len(toks))
+            text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+            if stop and stop in text:
+                text = text[:text.index(stop)]
+            texts[r // samples].append(text)
+            counts[r // samples].append(n)
+        return texts, counts
 
     def describe(self) -> str:
         sleep = f"sleep level {self.sleep_level}" if self.sleep_level else "no sleep"

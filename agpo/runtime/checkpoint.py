@@ -48,7 +48,7 @@ STATE_FILE = "trainer_state.pt"
 WEIGHTS_DIR = "weights"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
-RESUMABLE_CHANGES = {"run": {"resume", "stop_after", "progress", "tensorboard", "out_dir", "eval_every", "eval_size",
+RESUMABLE_CHANGES = {"run": {"resume", "overwrite", "stop_after", "progress", "tensorboard", "out_dir", "eval_every", "eval_size",
                              "save_every", "keep_checkpoints", "steps", "token_budget", "eval_max_new_tokens",
                              "dist_timeout"},
                      "guard": {"verifier_workers", "verifier_timeout", "verifier_batch_timeout", "reward_errors",
@@ -56,7 +56,7 @@ RESUMABLE_CHANGES = {"run": {"resume", "stop_after", "progress", "tensorboard", 
                      "model": {"device", "attn", "liger", "gradient_checkpointing"},
                      "rollout": {"generation_batch_size", "engine", "vllm_gpu_memory_utilization",
                                  "vllm_tensor_parallel_size", "vllm_sleep_level", "vllm_kv_cache_gib",
-                                 "vllm_enforce_eager"},
+                                 "vllm_enforce_eager", "vllm_max_model_len", "max_prompt_tokens"},
                      "optim": {"micro_batch_tokens", "packing"}, "loss": {"tis", "tis_cap"}}
 """Config fields a resumed run may change; any other difference is an error."""
 

@@ -237,13 +237,29 @@ def _cast_unsharded(module: nn.Module, dtype: torch.dtype | None) -> None:
             p.data = p.data.to(dtype)
 
 
+CHECKPOINT_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+"""What ``CheckpointWrapper`` (activation checkpointing) inserts into the names its parent
+module reports (``named_modules``/``named_parameters`` of the model around it; the
+wrapper's own ``state_dict`` strips it, the parent's ``named_*`` do not)."""
+
+
+def checkpoint_name(name: str) -> str:
+    """The Hugging Face checkpoint name of a parameter or module name of a model that may
+    carry activation-checkpointing wrappers (``model.layers.0._checkpoint_wrapped_module.
+    mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj.weight``). The one place names are
+    made canonical: the streamed loading (``agpo.scale.loading``) and the weight sync to a
+    rollout engine (``agpo.rollout.weights``) both use it."""
+    return name.replace(CHECKPOINT_WRAPPER_PREFIX, "")
+
+
 def apply_activation_checkpointing(layers: nn.ModuleList) -> nn.ModuleList:
     """Non-reentrant activation checkpointing of each decoder layer, in place.
 
     Each ``layers[i]`` is replaced by a ``CheckpointWrapper`` around it (so do this before
     :func:`shard_model` and pass the wrapped layers to it: FSDP's hooks then sit outside
     the checkpointed region and the recomputation in backward re-uses the all-gathered
-    parameters). State-dict keys are unchanged (the wrapper strips its prefix).
+    parameters). State-dict keys are unchanged (the wrapper strips its prefix); names from
+    the parent's ``named_modules``/``named_parameters`` are not: :func:`checkpoint_name`.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,

@@ -17,10 +17,11 @@ cache, the converted SmolLM2 preset), the trainer instead
 
 A rank's peak host memory while loading is its shards plus the largest slice it reads,
 not the model (tests/test_loading.py measures it; docs/scale.md has the 14B numbers). The
-reference model is loaded the same way. Runs with a supervised warm-up (which trains a
-replicated model before sharding), LoRA (adapters are created on the loaded base) and
-models that are not safetensors folders (the tiny preset, a ``.gguf`` file) take the
-plain path.
+reference model is loaded the same way, and so is a LoRA base (``agpo.scale.parallel``
+creates the adapters on the empty model and initialises them on the host, the same on every
+rank, before sharding; ``materialize`` keeps them). Runs with a supervised warm-up (which
+trains a replicated model before sharding) and models that are not safetensors folders (the
+tiny preset, a ``.gguf`` file) take the plain path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from agpo.models import PRESETS, smollm2_dir
-from agpo.scale.distributed import _single_process_quiet
+from agpo.scale.distributed import _single_process_quiet, checkpoint_name
 
 
 def weights_dir(name_or_path: str) -> Path | None:
@@ -80,8 +81,16 @@ def empty_model(folder: Path, *, dtype: torch.dtype, attn: str) -> nn.Module:
 
 def hf_parameter_names(hf_model: nn.Module) -> dict[str, nn.Parameter]:
     """``hf_model``'s parameters by their checkpoint names (activation-checkpointing wrappers
-    stripped; a tied weight once, under its first name, as safetensors files store it)."""
-    return {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in hf_model.named_parameters()}
+    stripped; a tied weight once, under its first name, as safetensors files store it). In a
+    model with peft LoRA layers the base projections take their plain names
+    (``q_proj.base_layer.weight`` -> ``q_proj.weight``) and the adapters, which no
+    checkpoint holds, are left out."""
+    out = {}
+    for n, p in hf_model.named_parameters():
+        if ".lora_" in n:
+            continue
+        out[checkpoint_name(n).replace(".base_layer.", ".")] = p
+    return out
 
 
 def materialize(root: nn.Module, hf_model: nn.Module, folder: Path, device: torch.device) -> None:
@@ -91,6 +100,9 @@ def materialize(root: nn.Module, hf_model: nn.Module, folder: Path, device: torc
     import torch.distributed.checkpoint as dcp
 
     buffers = {n: b.detach().to(device, copy=True) for n, b in root.named_buffers()}
+    # parameters that are real already (LoRA adapters initialised before sharding) keep
+    # their values: to_empty reallocates every parameter
+    real = {n: _local(p).detach().to(device, copy=True) for n, p in root.named_parameters() if not _local(p).is_meta}
     root.to_empty(device=device)
     head, embed = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
     if getattr(hf_model.config, "tie_word_embeddings", False) and head.weight is not embed.weight:
@@ -98,6 +110,14 @@ def materialize(root: nn.Module, hf_model: nn.Module, folder: Path, device: torc
     with torch.no_grad():
         for name, b in root.named_buffers():
             b.copy_(buffers[name])
+        for name, p in root.named_parameters():
+            if name in real:
+                _local(p).copy_(real[name])
     state = hf_parameter_names(hf_model)
     with _single_process_quiet():
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (the tensor itself when not sharded)."""
+    return p.to_local() if hasattr(p, "to_local") else p

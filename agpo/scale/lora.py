@@ -53,6 +53,25 @@ def upcast_adapters(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.
     return model
 
 
+def init_meta_adapters(model: nn.Module, *, seed: int, dtype: torch.dtype = torch.float32) -> int:
+    """Give the LoRA adapters of a model built on the ``meta`` device (``agpo.scale.loading.
+    empty_model``) real host memory and peft's initialisation (``lora_A`` Kaiming-uniform,
+    ``lora_B`` zero, so the model starts as its base), drawn from ``seed`` alone: every rank
+    of a sharded run gets the same adapters. Returns the number of adapter pairs."""
+    n = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, layer in sorted(lora_layers(model).items()):
+            for a in list(layer.lora_A):
+                if not layer.lora_A[a].weight.is_meta and not layer.lora_B[a].weight.is_meta:
+                    continue
+                layer.lora_A[a].to_empty(device="cpu").to(dtype)
+                layer.lora_B[a].to_empty(device="cpu").to(dtype)
+                layer.reset_lora_parameters(a, True)
+                n += 1
+    return n
+
+
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """peft's LoRA layers by their name relative to the base HF model."""
     from peft.tuners.lora import LoraLayer

@@ -11,7 +11,8 @@ ranks; full fine-tuning or LoRA; and which policy the KL term's reference is.
   when ``--gradient-checkpointing`` is on.
 - mixed precision: on GPUs, full fine-tuning keeps fp32 weights and AdamW state (sharded)
   and computes in ``--dtype`` with fp32 gradient reduction (``--fp32-master``). LoRA keeps
-  the frozen base in ``--dtype`` and the adapters in fp32.
+  the frozen base in ``--dtype`` and the adapters in fp32, stored and computed (no FSDP
+  mixed-precision policy: it would cast the adapters too; tests/test_weight_sync.py).
 - the reference: LoRA -> the same model with its adapters switched off (no second copy);
   full fine-tuning -> a frozen ``Policy`` over the copy, sharded the same way, forward only.
 - ``generation()``: the context under which rollouts and evaluation call ``generate``;
@@ -39,7 +40,12 @@ from agpo.scale.distributed import (
     unsharded,
 )
 from agpo.scale.loading import materialize
-from agpo.scale.lora import adapters_disabled, apply_lora, upcast_adapters
+from agpo.scale.lora import (
+    adapters_disabled,
+    apply_lora,
+    init_meta_adapters,
+    upcast_adapters,
+)
 
 
 @dataclass
@@ -125,6 +131,8 @@ def prepare_layout(cfg, model: nn.Module, env: DistEnv, *, ref_model: nn.Module 
     if lora:
         model = apply_lora(model, rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout)
         upcast_adapters(model, torch.float32)
+        if weights is not None:  # an empty base: peft put the adapters on meta too
+            init_meta_adapters(model, seed=cfg.run.seed)
         base = model.get_base_model()
         ref_model = None
     else:
@@ -134,12 +142,20 @@ def prepare_layout(cfg, model: nn.Module, env: DistEnv, *, ref_model: nn.Module 
     ref_policy = Policy(ref_model, impl=impl, memory_budget=budget) if ref_model is not None else None
     if env.distributed:
         # full fine-tuning on GPUs: fp32 master shards (upcast while sharding), compute in
-        # compute_dtype; LoRA keeps the frozen base as loaded (its adapters are fp32 already)
+        # compute_dtype. LoRA: no mixed-precision policy at all (it would cast every
+        # parameter of a unit, the fp32 adapters included, to one param_dtype): the frozen
+        # base is stored in compute_dtype and gathered as it is, the adapters stay fp32 and
+        # peft computes their branch in fp32 (FSDP2 gathers a unit of mixed dtypes as bytes;
+        # only the trainable parameters, all fp32, need one dtype for the gradient reduction)
         master = torch.float32 if (m.fp32_master and not lora and env.device.type == "cuda") else None
-        loaded = next(base.parameters()).dtype
+        loaded = next(p for n, p in base.named_parameters() if ".lora_" not in n).dtype
         stored = master or loaded
         want = compute_dtype or loaded
-        mixed = want if (want != stored or lora) else None
+        mixed = want if (want != stored and not lora) else None
+        if lora and want != loaded:
+            for n, p in base.named_parameters():
+                if ".lora_" not in n and p.is_floating_point():
+                    p.data = p.data.to(want)
         mesh = device_mesh(env)
         _shard(policy, base, mesh, param_dtype=mixed, checkpointing=m.gradient_checkpointing, master_dtype=master)
         if weights is not None:

@@ -29,6 +29,7 @@ import csv
 import importlib.resources
 import importlib.util
 import json
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -53,11 +54,13 @@ class DataConfig:
     (arith for tiny, chain_sum for smollm2-135m, gsm8k otherwise), arith elsewhere."""
     path: str | None = None
     """A data file (--data-path); required for ``file``, optional for gsm8k / math. gsm8k reads
-    only its train split from it (held-out problems: --eval-data-path or the packaged test set)."""
+    only its train split from it (held-out problems: --eval-data-path or the packaged test set).
+    A training run on math / file given only this file holds a tenth of it out (at least 1, at most
+    --test-size problems; seeded by --data-seed) for the evaluation and never trains on them."""
     eval_path: str | None = None
     """A data file for the held-out (test / validation) splits (--eval-data-path); None: --data-path
-    for every split (a training run evaluates GSM8K and MATH-500 on their own test sets instead:
-    ``held_out``)."""
+    for every split (a training run evaluates GSM8K and MATH-500 on their own test sets instead, and
+    math / file on the part of --data-path it holds out: ``held_out``, ``split_training_file``)."""
     split: str = "test"
     """train, validation or test."""
     limit: int | None = None
@@ -67,7 +70,9 @@ class DataConfig:
     size: int | None = None
     """Train-split size of generated sources (arith: all remaining pairs; rg: 10000)."""
     test_size: int = 400
-    """Held-out test size of generated sources."""
+    """Held-out test size of generated sources. A training run on a math / file source given only
+    --data-path holds out a tenth of that file (at least 1, at most this many problems), chosen by a
+    seeded shuffle (--data-seed), and never trains on them (``split_training_file``)."""
     val_size: int = 200
     """Held-out validation size of generated sources."""
     max_operand: int = 99
@@ -273,12 +278,60 @@ def _from_records(records, kind: str, cfg: DataConfig, label: str) -> list[Probl
 def held_out(cfg: DataConfig) -> DataConfig:
     """The source of a training run's held-out evaluation: ``eval_path`` when given; for
     GSM8K and MATH-500 trained from a file, their own test sets (packaged, or from the hub),
-    never the training file; else the training source's test split."""
+    never the training file; else the training source's test split (for a math / file source
+    given only ``path``: the part of the file ``split_training_file`` holds out)."""
     if cfg.eval_path or not cfg.path:
         return cfg
     if (cfg.dataset or "").strip().lower() in ("gsm8k", "math500"):
         return replace(cfg, path=None)
     return cfg
+
+
+CARVED_KINDS = ("math", "file", "jsonl", "parquet")
+"""Sources whose only file, given as --data-path alone, is both the training and the held-out data."""
+
+
+def carves_held_out(cfg: DataConfig) -> bool:
+    """Whether a training run's held-out problems are cut out of its training file: a math /
+    file source given ``path`` and no ``eval_path`` (GSM8K and MATH-500 use their own test sets)."""
+    return bool(cfg.path) and not cfg.eval_path and (cfg.dataset or "").strip().lower() in CARVED_KINDS
+
+
+def held_out_count(n: int, test_size: int) -> int:
+    """How many of a training file's ``n`` problems are held out: a tenth, at least 1, at most ``test_size``."""
+    return max(1, min(test_size, n // 10))
+
+
+def prompt_key(problem: Problem) -> str:
+    """What makes two problems the same question (whitespace and case aside)."""
+    return " ".join(problem.prompt.split()).lower()
+
+
+def split_training_file(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
+    """``(train, held_out)`` of a source ``carves_held_out`` is true for: ``held_out_count``
+    problems of the file picked by a shuffle seeded with ``cfg.seed`` (the same file and seed
+    always give the same split), kept in file order; training gets the rest, less any problem
+    whose question is also a held-out one (duplicates in the file)."""
+    kind = (cfg.dataset or "").strip().lower()
+    kind = "file" if kind in ("jsonl", "parquet") else kind
+    problems = read_file(cfg.path, kind, cfg)
+    if len(problems) < 2:
+        raise DataError(f"{cfg.path}: {len(problems)} problem; too few to hold some out for the evaluation: "
+                        "pass --eval-data-path FILE (or --eval-size 0)")
+    k = held_out_count(len(problems), cfg.test_size)
+    picked = set(random.Random(f"agpo-held-out-{cfg.seed}").sample(range(len(problems)), k))
+    test = [p for i, p in enumerate(problems) if i in picked]
+    keys = {prompt_key(p) for p in test}
+    train = [p for i, p in enumerate(problems) if i not in picked and prompt_key(p) not in keys]
+    if not train:
+        raise DataError(f"{cfg.path}: every problem's question is also a held-out one; pass --eval-data-path FILE")
+    return train, test
+
+
+def overlap_count(evaluated: list[Problem], trained: list[Problem]) -> int:
+    """How many of the ``evaluated`` problems ask a question that is also among ``trained``."""
+    keys = {prompt_key(p) for p in trained}
+    return sum(prompt_key(p) in keys for p in evaluated)
 
 
 def task_options(items: list[str]) -> dict:

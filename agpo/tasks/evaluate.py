@@ -7,7 +7,8 @@ samples that give one, ties to the earliest) and ``pass@K`` (any sample correct)
 ``accuracy`` is pass@1 or mean@K: the number the training loop logs as held-out accuracy.
 
 Generation is HF ``generate`` with left padding, KV cache and EOS stops, prompts sorted by
-length into batches; sampling is plain temperature (+ top-p) sampling whatever the model's
+length into batches (or a rollout engine's own, ``generate=``: the trainer evaluates through
+its colocated vLLM engine); sampling is plain temperature (+ top-p) sampling whatever the model's
 own generation defaults say (no top-k, no repetition penalty). ``python -m agpo.eval`` is
 the command around it.
 """
@@ -107,9 +108,15 @@ def majority(keys: list[str], has_answer: list[bool]) -> int | None:
 
 def evaluate(model, tokenizer, problems: list[Problem], *, samples: int = 1, temperature: float | None = None,
              top_p: float = 1.0, max_new_tokens: int | None = None, batch_size: int = 16, seed: int = 0,
-             progress: bool = True, verifier=None) -> dict:
+             progress: bool = True, verifier=None, generate=None) -> dict:
     """Generate and check; returns ``{"summary": {...}, "records": [...]}`` (see the module
-    docstring for the metrics). The model's train/eval mode is restored afterwards."""
+    docstring for the metrics). The model's train/eval mode is restored afterwards.
+
+    ``generate``: where the completions come from instead of HF ``generate`` on ``model``
+    (then unused, may be None): a callable taking the prompts and ``samples``,
+    ``temperature``, ``top_p``, ``max_new_tokens``, ``add_special_tokens``, ``stop``,
+    ``seed`` as keywords and returning ``(texts, token counts)`` per prompt, like
+    ``generate_completions`` (a rollout engine's ``complete``)."""
     if not problems:
         raise ValueError("evaluate: no problems")
     if samples < 1 or batch_size < 1:
@@ -126,16 +133,19 @@ def evaluate(model, tokenizer, problems: list[Problem], *, samples: int = 1, tem
     prompts = [format_prompt(p, tokenizer) for p in problems]
     plain = not chat and not all(p.verbatim for p in problems)
     before = verifier.stats.snapshot()
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    try:
-        texts, counts = generate_completions(model, tokenizer, prompts, samples=samples, temperature=temperature,
-                                             top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                             seed=seed, progress=progress, add_special_tokens=not chat,
-                                             stop=PLAIN_STOP if plain else None)
-    finally:
-        model.train(was_training)
+    kw = dict(samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+              add_special_tokens=not chat, stop=PLAIN_STOP if plain else None)
+    if generate is not None:
+        texts, counts = generate(prompts, **kw)
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            texts, counts = generate_completions(model, tokenizer, prompts, batch_size=batch_size, progress=progress,
+                                                 **kw)
+        finally:
+            model.train(was_training)
     gen_s = time.perf_counter() - t0
 
     records, mean_acc, maj_ok, any_ok, no_answer = [], 0.0, 0, 0, 0

@@ -1,7 +1,7 @@
 """Verifiable rewards: final-answer extraction, normalisation, equivalence, reward functions.
 
 One implementation of "the final answer of a text" serves the rewards, the evaluation and
-the controllers' vote entropy (SPEC section 1, step 1):
+the controllers' vote entropy (docs/algorithm.md#group-statistics):
 
 - ``extract_answer(text)``: the last ``\\boxed{...}`` (nested braces allowed), else the
   text after the last ``####``, else the last number; None when there is none of these.
@@ -187,7 +187,7 @@ def normalize_answer(ans: str) -> str:
 
 
 def answer_key(text: str) -> str:
-    """Normalised final answer of ``text`` (SPEC's vote-entropy key); "" for empty text."""
+    """Normalised final answer of ``text`` (the vote-entropy key, docs/algorithm.md#group-statistics); "" for empty text."""
     text = _tail(text)
     if not text or not text.strip():
         return ""

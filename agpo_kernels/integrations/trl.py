@@ -28,17 +28,23 @@ log-probs) need no scoring pass (``old_logp=None``), and fp32 master weights wit
 autocast run a bf16 head with an fp32 weight gradient. ``agpo_loss`` forms the gradients
 during that forward (``backward="forward"``).
 
-``AGPOControllerCallback`` attaches ``agpo.algo.controllers.AGPOController`` to the trainer:
-after each generation batch it reads the group statistics (``num_generations``
-completions per prompt, rewards, completion texts, the policy's per-group entropy) and
-writes per-sequence ``eps_low = eps_high`` into the batch; the step KL of the previous
-batch is measured once the update is done. TRL samples a whole batch at one temperature,
-so the controller's tau is computed and logged but not applied to sampling.
+``AGPOClipCallback`` adds AGPO's adaptive clip controller, and only that: after each
+generation batch it computes the group statistics (``num_generations`` completions per
+prompt: reward dispersion and skewness, vote entropy of the answers, the policy's
+per-group entropy) and writes per-sequence ``eps_low = eps_high`` into the batch; the step
+KL of the previous batch is measured once its update is done. It is **not** AGPO: TRL
+samples a whole batch at one ``temperature`` and has no per-prompt temperature in its
+generation path, so there is no temperature controller and no probe group; the statistics
+come from the train group itself. What runs is GRPO with AGPO's adaptive clip (the
+``--algo grpo --adaptive-clip`` ablation of ``python -m agpo.train``, docs/algorithm.md).
+For the full algorithm (probe group, per-group temperature) use ``python -m agpo.train``.
+``AGPOControllerCallback`` is the old name, kept as a deprecated alias.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import types
 import warnings
@@ -50,7 +56,7 @@ from trl import GRPOTrainer
 from agpo_kernels.agpo_loss import agpo_loss
 from agpo_kernels.linear_logprobs import linear_logprobs
 
-__all__ = ["AGPOGRPOTrainer", "AGPOControllerCallback", "LOSS_AGG"]
+__all__ = ["AGPOGRPOTrainer", "AGPOClipCallback", "AGPOControllerCallback", "LOSS_AGG"]
 
 LOSS_AGG = {"bnpo": "token-mean", "dapo": "token-mean", "grpo": "seq-mean-token-mean",
             "dr_grpo": "seq-mean-token-sum-norm"}
@@ -262,7 +268,7 @@ class AGPOGRPOTrainer(GRPOTrainer):
         if self.model.training and self._agpo_rewards is not None:
             rewards, completions = self._agpo_rewards
             for cb in self.callback_handler.callbacks:
-                if isinstance(cb, AGPOControllerCallback):
+                if isinstance(cb, AGPOClipCallback):
                     cb.on_batch(self, batch, rewards, completions)
         self._agpo_rewards = None
         return batch
@@ -282,23 +288,38 @@ def _completion_text(c) -> str:
     return "".join(m.get("content", "") if isinstance(m, dict) else str(m) for m in c)
 
 
-class AGPOControllerCallback(TrainerCallback):
-    """Adaptive AGPO clip range for ``AGPOGRPOTrainer`` (see the module docstring).
+class AGPOClipCallback(TrainerCallback):
+    """AGPO's adaptive per-group clip range for ``AGPOGRPOTrainer``; no temperature control.
 
-    Per generation batch with ``P`` groups of ``G = num_generations``: ``probe_step`` on the
-    batch's rewards and completion texts, ``clip_step`` on the policy's per-group
-    token-mean entropy, and ``eps.repeat_interleave(G)`` into ``batch["eps_low"]`` and
-    ``batch["eps_high"]``. At the next batch, ``update_step_kl`` with the previous batch's
-    per-group token-mean ``logp_old - logp_new``. Assumes whole groups on each process
-    (the local generation batch a multiple of ``num_generations``).
+    Per generation batch with ``P`` groups of ``G = num_generations``: the group statistics
+    of the batch's rewards and completion texts (``probe_step``, on the train group itself:
+    TRL has no probe group), ``clip_step`` on the policy's per-group token-mean entropy, and
+    ``eps.repeat_interleave(G)`` into ``batch["eps_low"]`` and ``batch["eps_high"]``. At the
+    next batch, ``update_step_kl`` with the previous batch's per-group token-mean
+    ``logp_old - logp_new``. Assumes whole groups on each process (the local generation
+    batch a multiple of ``num_generations``).
+
+    The sampling temperature stays TRL's ``temperature`` for every row: the controller runs
+    with ``adaptive_temp=False`` (a config or controller with it on is switched off, with a
+    warning), so GRPO plus this callback is the "adaptive clip alone" ablation, not AGPO.
     """
 
     def __init__(self, config=None, controller=None, extract="default"):
         try:  # imported here: agpo.algo.controllers pulls in agpo.tasks.rewards
             from agpo.algo.controllers import AGPOController, ControllerConfig
         except ImportError as exc:
-            raise ImportError(f"AGPOControllerCallback needs agpo.algo.controllers ({exc})") from exc
-        self.controller = controller if controller is not None else AGPOController(config or ControllerConfig())
+            raise ImportError(f"{type(self).__name__} needs agpo.algo.controllers ({exc})") from exc
+        if controller is None:
+            controller = AGPOController(config if config is not None else ControllerConfig(adaptive_temp=False))
+        if controller.config.adaptive_temp:
+            warnings.warn(f"{type(self).__name__}: adaptive_temp is ignored and switched off: TRL samples a "
+                          "batch at one temperature, so only the adaptive clip runs (python -m agpo.train "
+                          "runs the temperature controller and the probe group)", UserWarning, stacklevel=2)
+            controller.config = dataclasses.replace(controller.config, adaptive_temp=False)
+        if not controller.config.adaptive_clip:
+            warnings.warn(f"{type(self).__name__}: adaptive_clip is off, so every eps is eps_base "
+                          "(plain GRPO)", UserWarning, stacklevel=2)
+        self.controller = controller
         self.extract = extract
         self._pending = None  # (batch, old logp) of the last batch, for the step KL
         self.last = {}
@@ -307,7 +328,7 @@ class AGPOControllerCallback(TrainerCallback):
         G = trainer.num_generations
         n = rewards.numel()
         if n % G:
-            raise ValueError(f"AGPOControllerCallback: {n} completions are not whole groups of {G}")
+            raise ValueError(f"{type(self).__name__}: {n} completions are not whole groups of {G}")
         ctl, P = self.controller, n // G
         if self._pending is not None:
             prev, prev_old = self._pending
@@ -316,19 +337,33 @@ class AGPOControllerCallback(TrainerCallback):
         texts = [_completion_text(c) for c in completions]
         groups = [texts[p * G:(p + 1) * G] for p in range(P)]
         kwargs = {} if self.extract == "default" else {"extract": self.extract}
-        tau = ctl.probe_step(rewards.view(P, G).float(), groups, **kwargs)
+        ctl.probe_step(rewards.view(P, G).float(), groups, **kwargs)  # statistics; tau stays TRL's
         logp, entropy = trainer.policy_token_stats(batch)
         eps = ctl.clip_step(_group_mean(entropy, batch["completion_mask"], G).tolist())
         eps_seq = eps.repeat_interleave(G).to(batch["completion_ids"].device)
         batch["eps_low"], batch["eps_high"] = eps_seq, eps_seq.clone()
         self._pending = ({k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids",
                                                 "completion_mask")}, logp)
-        self.last = {"agpo/eps_mean": eps.mean().item(), "agpo/tau_mean": tau.mean().item(),
-                     **ctl.metrics()}
+        # The group statistics the clip used; the uncertainty, baseline and tau only drive the
+        # temperature controller, which does not run here, and there is no probe group.
+        stats = ctl.metrics()
+        self.last = {"agpo/eps_mean": eps.mean().item(), "agpo/step_kl_ema": stats["controller/step_kl_ema"],
+                     "agpo/h_ref": stats["controller/h_ref"], "agpo/reward_dispersion": stats["probe/sigma"],
+                     "agpo/reward_skew": stats["probe/skew"], "agpo/vote_entropy": stats["probe/entropy"]}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.last:
             logs.update(self.last)
+
+
+class AGPOControllerCallback(AGPOClipCallback):
+    """Deprecated alias of ``AGPOClipCallback`` (the old name promised the temperature
+    controller too, which TRL's generation path cannot apply)."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn("AGPOControllerCallback is deprecated: use AGPOClipCallback (it is the adaptive clip "
+                      "alone; TRL's sampling temperature is not controlled)", DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
 
 
 def _group_mean(x, mask, G):

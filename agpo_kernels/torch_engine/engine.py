@@ -1,6 +1,6 @@
 """impl="torch": the tiled pure-PyTorch engine of both designs (runs anywhere, CPU included).
 
-Same math as the Triton kernels (SPEC section 2), organised for bounded memory: rows in
+Same math as the Triton kernels (docs/algorithm.md#the-policy-loss), organised for bounded memory: rows in
 chunks over the whole vocabulary, a chunk's fp32 logits ``[c, V]`` from one GEMM
 (``precision.logits``), then the row passes of ``torch_engine.rows`` in place and, for gradients,
 the chunk GEMMs of ``chunks.HeadGrads``. Two fp32 ``[c, V]`` buffers at most, sized by

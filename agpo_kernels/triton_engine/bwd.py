@@ -2,8 +2,8 @@
 the chunk's two gradient GEMMs.
 
 Given the per-row statistics saved by the forward pass (``lse``, ``mu = sum p z``) and
-the two per-row gradient scalars ``g_lp = dL/dlogp`` and ``g_H = dL/dH`` (SPEC section
-2), ``dL/dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu)``; ``dL/dlogits = dL/dz / T``.
+the two per-row gradient scalars ``g_lp = dL/dlogp`` and ``g_H = dL/dH``
+(docs/algorithm.md#gradients), ``dL/dz_j = g_lp (1[j=y] - p_j) - g_H p_j (z_j - mu)``; ``dL/dlogits = dL/dz / T``.
 
 Rows are processed in chunks of ``C`` (C from the memory budget), each over the whole
 vocabulary:
@@ -128,7 +128,10 @@ def _launch(hidden, weight, bias, targets, inv_t, lse, mu, g_lp, g_h, dz, r_lo, 
 
 
 def logits_triton(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, config: dict | None = None):
-    """``out [c, V]`` fp32 ``= h @ weight^T`` (a Triton GEMM with fp32 output)."""
+    """``out [c, V]`` fp32 ``= h @ weight^T`` (a Triton GEMM with fp32 output). The kernel
+    takes row strides only: ``h`` and ``weight`` need unit column stride."""
+    if h.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("logits_triton: hidden and weight need unit column stride (call .contiguous())")
     _launch(h, weight, None, None, 1.0, None, None, None, None, out, 0, h.shape[0], raw=True, config=config)
     return out
 

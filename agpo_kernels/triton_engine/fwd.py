@@ -3,7 +3,7 @@
 One program owns ``BLOCK_N`` rows and one contiguous slice of the vocabulary (a "split").
 It walks its slice in ``BLOCK_V`` tiles; each tile is ``h[rows] @ W[tile]^T`` by
 ``tl.dot`` over ``D`` in ``BLOCK_K`` steps with fp32 accumulation, then folded into
-running per-row statistics (SPEC section 2, stable form):
+running per-row statistics (docs/algorithm.md#gradients, stable form):
 
     m  = running max of z            s = sum exp(z - m)
     a  = sum exp(z - m) (z - m)      zy = z at the target column

@@ -11,8 +11,9 @@ their ``V`` logits twice, ``BLOCK_V`` columns at a time:
 3. ``dz = (g_lp (1[j=y] - p) - g_H p (z - mu)) / T`` written over the logits in place, in
    the compute dtype: a 16-bit ``dz`` row occupies the first half of its own fp32 row
    (bf16 column ``j`` lands in fp32 column ``j/2 <= j``, already read by this program:
-   columns go in increasing order and a tile is loaded before it is stored), so the
-   buffer is reused and rows never overlap each other's.
+   columns go in increasing order, and a barrier between a tile's loads and its stores
+   orders the warps of the program), so the buffer is reused and rows never overlap
+   each other's.
 
 With a vocabulary-parallel head the pass splits at the merge: ``_row_partials_kernel``
 writes this shard's partials, the launcher all-gathers and merges them, and
@@ -188,6 +189,14 @@ def _loss_rows_kernel(
                 dz = tl.where(kept[:, None], dz, 0.0)
             if RNE:
                 dz = round_bf16(dz)
+            # A 16-bit dz column j lands in the bytes of fp32 column j/2 of the same row: in
+            # this very tile, those bytes are loaded by *other* warps of this program (the
+            # store layout is not the load layout), and nothing else orders a warp's store
+            # after another warp's load. Every thread reaching the barrier has consumed its
+            # loads (dz depends on x), so after it no store can overwrite an unread logit.
+            # Earlier tiles are safe by order, later ones are never written. One barrier per
+            # tile; the statistics loop has several per tile already.
+            tl.debug_barrier()
             tl.store(dz_rows[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
