@@ -8,7 +8,7 @@
 ``torchrun --nnodes N --nproc-per-node K`` (one process on one GPU: plain ``python``) on GPUs of
 ``--gpu-memory-gib`` (default: the visible GPU's, else 80): the rollout and update phases'
 tables, the KV cache in tokens against what the rollout needs, the settings left unset and
-what the plan derives for them (``agpo.scale.memory``; ``agpo.train`` derives the same and
+what the plan derives for them (``agpo.scale.memory``, ``agpo.scale.sizing``; ``agpo.train`` derives the same and
 records them in config.yaml), and whether it fits, with the flag to change when it does not.
 Exits 0 after printing the plan, whether it fits or not; 2 on a bad flag or config.json.
 """
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agpo.plan: error: no config.json for --model {cfg.model.model} (not a folder holding one, not a "
               "preset, not in the Hugging Face cache)", file=sys.stderr)
         return EXIT_USAGE
-    from agpo.scale.memory import table
+    from agpo.scale.sizing import table
 
     print(table(plan, markdown=ns["plan.markdown"]))
     return EXIT_OK
@@ -72,7 +72,7 @@ def plan_of(cfg, *, nproc: int = 1, nnodes: int = 1, gib: float | None = None):
     the derived settings); None without a config.json."""
     from agpo.models import PRESETS
     from agpo.rollout import resolve_engine
-    from agpo.scale.memory import resolve
+    from agpo.scale.sizing import resolve
 
     preset = PRESETS.get(cfg.model.model)
     if cfg.rollout.max_new_tokens is None:

@@ -46,8 +46,8 @@ RIVAL = "liger fused log-prob + entropy"
 SECONDS_PER_VARIANT = 10.0
 
 
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of ``fn`` over at most ``reps`` runs after one warm-up; fewer
+def timed(fn, reps: int) -> tuple[float, int]:
+    """``(median ms, runs)`` of ``fn`` over at most ``reps`` runs after one warm-up; fewer
     runs (at least 3) where one takes long, to stay near SECONDS_PER_VARIANT."""
     t0 = torch.cuda.Event(enable_timing=True)
     t1 = torch.cuda.Event(enable_timing=True)
@@ -57,7 +57,6 @@ def timed(fn, reps: int) -> float:
     torch.cuda.synchronize()
     first_s = t0.elapsed_time(t1) / 1e3
     reps = max(3, min(reps, int(SECONDS_PER_VARIANT / max(first_s, 1e-4))))
-    timed.last_reps = reps
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,13 +65,13 @@ def timed(fn, reps: int) -> float:
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(times), reps
 
 
 def matmul_rate(shape) -> float:
     h = torch.randn(shape.N, shape.D, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(shape.V, shape.D, device="cuda", dtype=torch.bfloat16)
-    ms = timed(lambda: h @ w.t(), 10)
+    ms, _ = timed(lambda: h @ w.t(), 10)
     return flops(shape, "fwd") / (ms / 1e3)
 
 
@@ -90,7 +89,7 @@ def run_variant(x, impl, kw, triton_gemm, reps):
             x["h"].grad = x["W"].grad = None
             f(x).backward()
 
-        ms = timed(step, reps)
+        ms, runs = timed(step, reps)
         x["h"].grad = x["W"].grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -100,7 +99,7 @@ def run_variant(x, impl, kw, triton_gemm, reps):
         peak = torch.cuda.max_memory_allocated() - before
         grads = (x["h"].numel() + x["W"].numel()) * 2
         return dict(ms=ms, peak_gib=peak / GiB, beyond_grads_mib=(peak - grads) / 2**20,
-                    reps=timed.last_reps)
+                    reps=runs)
     except torch.cuda.OutOfMemoryError as e:
         return dict(error=f"OOM ({str(e).splitlines()[0][:80]})")
     except Exception as e:  # a missing Liger, an unsupported option: report, go on

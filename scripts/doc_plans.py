@@ -19,7 +19,7 @@ BLOCK = re.compile(r"<!-- plan: (?P<args>[^>]*?) -->\n(?P<body>.*?)<!-- /plan --
 def render(args: str) -> str:
     from agpo.config import config_from_args
     from agpo.plan import plan_of
-    from agpo.scale.memory import table
+    from agpo.scale.sizing import table
 
     argv = args.split()
     nproc = 1

@@ -17,17 +17,9 @@ import torch
 from agpo.config import config_from_args
 from agpo.errors import EXIT_USAGE, ConfigError
 from agpo.models import PRESET_CONFIGS, build_char_tokenizer, build_tiny_model
-from agpo.scale import memory
-from agpo.scale.memory import (
-    GiB,
-    Knobs,
-    ModelShape,
-    derive,
-    plan_memory,
-    refusal,
-    resolve,
-    table,
-)
+from agpo.scale import memory, sizing
+from agpo.scale.memory import GiB, Knobs, ModelShape, plan_memory
+from agpo.scale.sizing import derive, refusal, resolve, table
 
 ROOT = Path(__file__).resolve().parents[1]
 Q14 = ModelShape.from_config(PRESET_CONFIGS["qwen14b"])
@@ -144,7 +136,7 @@ def test_derive_fills_what_is_unset_and_keeps_what_is_given():
                                   max_model_len=None, default_micro_batch=4096))
     k = plan.knobs
     assert k.checkpointing is True and k.max_model_len == 1024 + 256 and k.micro_batch_tokens == 4096
-    assert k.tp in (1, 2) and 0.3 < k.gpu_memory_utilization <= memory.MAX_UTILIZATION
+    assert k.tp in (1, 2) and 0.3 < k.gpu_memory_utilization <= sizing.MAX_UTILIZATION
     assert plan.fits and plan.kv["tokens"] >= plan.kv["needed"]
     assert set(plan.derived) == {"gradient_checkpointing", "micro_batch_tokens", "vllm_tensor_parallel_size",
                                  "vllm_gpu_memory_utilization", "vllm_max_model_len"}
@@ -180,7 +172,7 @@ def test_agpo_train_on_cuda_refuses_before_loading(tmp_path, capsys, monkeypatch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(launch, "preflight", lambda cfg: [])  # it would refuse --device cuda without a GPU first
-    monkeypatch.setattr(memory, "_device_gib", lambda device: 80.0)  # what it plans for on a GPU machine too
+    monkeypatch.setattr(sizing, "_device_gib", lambda device: 80.0)  # what it plans for on a GPU machine too
     status = main(["--model", "qwen14b", "--device", "cuda", "--rollout", "hf", "--out-dir", str(tmp_path / "run")])
     assert status == EXIT_USAGE
     err = capsys.readouterr().err

@@ -432,7 +432,7 @@ def test_shipped_14b_configs_fit_their_gpus(path, engine):
     """The memory plan (agpo.scale.memory, what ``python -m agpo.plan`` prints) of each 14B
     config on 80 GiB GPUs fits, with the colocated vLLM engine its ``--rollout auto`` picks
     where vLLM is installed and with HF ``generate`` where it is not."""
-    from agpo.scale.memory import resolve, table
+    from agpo.scale.sizing import resolve, table
 
     cfg = config_from_args(["--config", str(path)])
     gpus = 8 if path.stem.endswith("_8gpu") else 1

@@ -48,15 +48,15 @@ from agpo.scale.distributed import (
 )
 from agpo.scale.liger import apply_liger, wants_liger
 from agpo.scale.loading import empty_model, weights_dir
-from agpo.scale.memory import refusal
-from agpo.scale.memory import resolve as resolve_memory
-from agpo.scale.memory import summary as memory_summary
+from agpo.scale.sizing import refusal
+from agpo.scale.sizing import resolve as resolve_memory
+from agpo.scale.sizing import summary as memory_summary
 from agpo.tasks.data import carves_held_out, held_out, load_problems, overlap_count, split_training_file
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     """Fill the model-dependent defaults (task, completion cap, warm-up length), the device, and
-    the memory settings left unset (``agpo.scale.memory.resolve``); on CUDA, refuse a run whose
+    the memory settings left unset (``agpo.scale.sizing.resolve``); on CUDA, refuse a run whose
     memory plan does not fit (``ConfigError`` naming the flag to change)."""
     preset = PRESETS.get(cfg.model.model)
     if cfg.data.dataset is None:  # the preset's task; any other model: GSM8K
