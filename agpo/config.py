@@ -104,7 +104,16 @@ class RolloutConfig:
     prompts_per_step: int = 16
     """Prompts (groups) per training step."""
     group_size: int = 8
-    """Samples per prompt (G), for the probe group and for the train group."""
+    """Samples per prompt (G) of the train group (and of the probe group unless --probe-size)."""
+    probe_size: int | None = None
+    """Samples per prompt of AGPO's probe group (None: --group-size, as the paper)."""
+    probe_reuse: bool = False
+    """Train on the probe samples too (AGPO): they are on-policy samples at tau_base, so each
+    prompt's step learns from G + probe-size samples with one advantage baseline over them."""
+    probe_filter: bool = False
+    """Skip the train group of a prompt whose probe rewards are all equal (AGPO): its train
+    group would most likely be all-equal too, with zero advantage. The skipped share is
+    logged as probe/skipped_frac; every rank keeps at least one prompt."""
     max_new_tokens: int | None = None
     """Completion cap (None: the preset's)."""
     top_p: float = 1.0
@@ -151,6 +160,9 @@ class RolloutConfig:
             raise ConfigError(f"--top-p: must lie in (0, 1], got {self.top_p}")
         if self.group_size < 2:
             raise ConfigError(f"--group-size: group-relative advantages need at least 2 samples, got {self.group_size}")
+        _positive(self, "probe_size")
+        if self.probe_size is not None and self.probe_size < 2:
+            raise ConfigError(f"--probe-size: the probe's reward spread needs at least 2 samples, got {self.probe_size}")
 
 
 @dataclass(kw_only=True)
@@ -251,14 +263,18 @@ class WarmupConfig:
     """Supervised warm-up on the train split before RL (so rewards are not all zero)."""
 
     sft_steps: int | None = None
-    """Warm-up optimiser steps (None: 300 for the tiny preset on its embedded task, else 0)."""
+    """Most warm-up optimiser steps (None: 1500 for the tiny preset on its embedded task, else 0)."""
+    sft_target_loss: float | None = None
+    """Stop the warm-up once the mean answer-token loss of its last 20 steps is at most this
+    (None: 0.5 for the tiny preset on its embedded task, about 50% held-out accuracy for
+    every seed; 0: run all --sft-steps)."""
     sft_batch_size: int = 64
     """Problems per warm-up step."""
     sft_lr: float = 1e-3
     """Warm-up learning rate (AdamW, constant)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "sft_steps", allow_zero=True)
+        _positive(self, "sft_steps", "sft_target_loss", allow_zero=True)
         _positive(self, "sft_batch_size", "sft_lr")
 
 
@@ -269,12 +285,17 @@ class RunConfig:
     algo: str = "agpo"
     """agpo (both controllers) or grpo (fixed eps and tau, no probe group)."""
     recipe: str = "default"
-    """Defaults to start from: default (the project's) or paper (the authors' released code:
-    agpo.algo.recipes); values set in --config or on the command line win over the recipe."""
+    """Defaults to start from: default (the project's), paper (the authors' released code:
+    agpo.algo.recipes) or paper-example (paper with their example configs' G=2, one epoch,
+    one prompt per step, tau in [0.6, 1.3], LoRA dropout 0.05); values set in --config or on
+    the command line win over the recipe."""
     steps: int = 100
     """Training steps (each: probe, rollouts, score, update)."""
     token_budget: int | None = None
-    """Stop once this many tokens were generated (probe included), to compare methods at equal cost."""
+    """Generated tokens (probe included) to stop at, to compare methods at equal cost: the run
+    ends at the step boundary nearest the budget (within half a step of its own size), and
+    the learning-rate schedule (warm-up, decay) runs over the budget instead of --steps,
+    which stays a cap."""
     seed: int = 0
     """Seed of model init, data order and sampling."""
     out_dir: str | None = None
@@ -372,6 +393,14 @@ class TrainConfig:
     """Run length, output, checkpoints."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """Untrusted completions and non-finite steps (agpo.runtime.guard, docs/operations.md)."""
+
+    def __post_init__(self) -> None:
+        r = self.rollout
+        used = [f for f, on in (("--probe-size", r.probe_size is not None), ("--probe-reuse", r.probe_reuse),
+                                ("--probe-filter", r.probe_filter)) if on]
+        if used and not self.controller.needs_probe:
+            raise ConfigError(f"{', '.join(used)}: GRPO draws no probe group; use --algo agpo (or switch a "
+                              "controller on)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

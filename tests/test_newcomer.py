@@ -99,7 +99,7 @@ def test_every_enumerated_flag_lists_its_choices():
     assert all(_actions(build_parser())["--" + _flag_name(s, n).replace("_", "-")].choices
                for s, n in CHOICES)
     text = build_parser().format_help()
-    for flag, values in [("--algo", "{agpo,grpo}"), ("--rollout", "{hf,vllm,auto}"), ("--recipe", "{default,paper}"),
+    for flag, values in [("--algo", "{agpo,grpo}"), ("--rollout", "{hf,vllm,auto}"), ("--recipe", "{default,paper,paper-example}"),
                          ("--loss-agg", "{token-mean,seq-mean-token-mean,seq-mean-token-sum-norm}"),
                          ("--tis", "{off,token,seq,none}")]:
         assert f"{flag} {values}" in text, flag

@@ -143,8 +143,8 @@ def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
         seen["loss_temp"].append(kw["temperature"].cpu())
         return real_loss(*a, **kw)
 
-    def spy_clip(h):
-        eps = real_clip(h)
+    def spy_clip(h, **kw):
+        eps = real_clip(h, **kw)
         seen["eps"].append(eps.clone())
         return eps
 

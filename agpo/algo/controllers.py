@@ -335,12 +335,13 @@ class AGPOController:
         ``[P, G]`` -> float32 ``[P, G]``."""
         return group_advantages(rewards, self.config.dispersion, self.config.adv_floor).to(torch.float32)
 
-    def clip_step(self, policy_entropy) -> torch.Tensor:
+    def clip_step(self, policy_entropy, groups: list[int] | None = None) -> torch.Tensor:
         """The adaptive clip (docs/algorithm.md#adaptive-clip): per-group token-mean policy entropy
         ``H [P]`` -> eps, float32 ``[P]``.
 
         Each group's clip uses ``H_ref`` from before that group's update. Needs this step's
-        ``probe_step`` first when ``adaptive_clip`` is on.
+        ``probe_step`` first when ``adaptive_clip`` is on. ``groups``: which of the probe's
+        groups the entropies are of, in order (None: all; a probe filter trains a subset).
         """
         cfg = self.config
         hs = _vector(policy_entropy, "policy_entropy")
@@ -351,13 +352,16 @@ class AGPOController:
         if cfg.adaptive_clip:
             if probe is None or self.probe_used:
                 raise RuntimeError("clip_step: call probe_step for this step first (adaptive_clip is on)")
-            if len(probe.sigma) != len(hs):
-                raise ValueError(f"policy_entropy: {len(hs)} groups but the probe had {len(probe.sigma)}")
+            groups = list(range(len(probe.sigma))) if groups is None else [int(g) for g in groups]
+            if len(groups) != len(hs) or any(not 0 <= g < len(probe.sigma) for g in groups):
+                raise ValueError(f"policy_entropy: {len(hs)} groups (of probe groups {groups}) but the probe "
+                                 f"had {len(probe.sigma)}")
         eps = []
-        for p, h in enumerate(hs):
+        for i, h in enumerate(hs):
             ref = self.h_ref if self.h_count > 0 else h
             if cfg.adaptive_clip:
                 ratio = entropy_ratio(h, ref, cfg)
+                p = groups[i]
                 eps.append(adaptive_clip(probe.sigma[p], probe.skew[p], probe.entropy[p], ratio,
                                          self.step_kl_ema, cfg))
             else:

@@ -29,6 +29,18 @@ for why each differs).
   (UT: ``_compute_ref_kl`` returns 0 when ``ref_model`` is None, which every example's
   ``finetuning_type: lora`` gives): the recipe sets beta 0 with LoRA unless a beta is given.
 
+``paper-example`` is ``paper`` with what every example configuration the authors ship
+(EX, the four ``qwen3_0_6b_*_agpo_wandb.yaml``) sets instead of the dataclass defaults:
+groups of 2 (``agpo_group_size: 2``), one update epoch (``agpo_update_epochs: 1``), the
+temperature clamped to [0.6, 1.3] (``agpo_tau_min`` / ``agpo_tau_max``), one prompt per
+step (``per_device_train_batch_size: 1``, no accumulation) and LoRA dropout 0.05 (their
+LoRA is rank 16, alpha 32: pass ``--lora-rank 16 --lora-alpha 32``). With one epoch the
+importance ratio is 1 (old log-probs come from the same weights), so the adaptive clip
+cannot change the update there: that recipe reproduces their examples, not the method.
+
+Both follow the authors' code as it stands (UT above, rewritten on 28 May 2026); the code
+of the paper's submission before that rewrite kept the ratio at 1 in every epoch.
+
 Where their code has no counterpart (the probe's own top-p, micro-batching, the scoring
 implementation) the project's behaviour is kept; docs/recipes.md lists the remaining
 differences (float64 advantages, the entropy-reference cold start, distributed state).
@@ -49,6 +61,12 @@ RECIPES: dict[str, dict[str, dict]] = {
         "controller": {"vote_keys": "raw", "uncertainty_floor": 1e-8, "baseline_min": 0.0},
     },
 }
+RECIPES["paper-example"] = {
+    section: {**values, **{"rollout": {"group_size": 2, "prompts_per_step": 1},
+                           "optim": {"update_epochs": 1},
+                           "controller": {"tau_min": 0.6, "tau_max": 1.3}}.get(section, {})}
+    for section, values in RECIPES["paper"].items()}
+RECIPES["paper-example"]["model"] = {"lora_dropout": 0.05}
 """Recipe name -> section -> field -> default value."""
 
 PAPER_LORA = {"loss": {"beta": 0.0}}
@@ -62,7 +80,7 @@ def apply_recipe(d: dict) -> dict:
     if name not in RECIPES:
         raise ConfigError(f"--recipe: expected one of {', '.join(RECIPES)}, got {name!r}")
     layers = [RECIPES[name]]
-    if name == "paper" and (d.get("model") or {}).get("lora_rank", 0):
+    if name.startswith("paper") and (d.get("model") or {}).get("lora_rank", 0):
         layers.insert(0, PAPER_LORA)
     for layer in layers:
         for section, values in layer.items():

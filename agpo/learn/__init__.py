@@ -4,6 +4,8 @@
 - ``packing``: padding-free micro-batches sized by real tokens.
 - ``policy``: the policy's scoring through the fused head (``agpo_kernels``).
 - ``trainer``: one AGPO / GRPO step: rollouts, rewards, controllers, the update.
+- ``probe``: the probe filter and probe reuse (``--probe-filter``, ``--probe-reuse``).
+- ``clipstats``: what the clip did in an update (per epoch, and against a fixed eps).
 - ``sft``: the supervised warm-up.
 - ``schedule``: prompt order and the learning-rate schedule.
 - ``preflight``: the checks of a run's config against the machine, before anything loads.

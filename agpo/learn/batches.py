@@ -50,6 +50,24 @@ class SequenceBatch:
         return self.rows * (self.prompt_ids.shape[1] + self.completion_ids.shape[1])
 
 
+def concat_batches(parts: list[SequenceBatch]) -> SequenceBatch:
+    """The rows of ``parts`` one after the other, prompts left-padded and completions
+    right-padded (with 0, masked) to the widest."""
+    P = max(b.prompt_ids.shape[1] for b in parts)
+    C = max(b.completion_ids.shape[1] for b in parts)
+
+    def left(t, w):
+        return torch.cat([t.new_zeros(t.shape[0], w - t.shape[1]), t], 1)
+
+    def right(t, w):
+        return torch.cat([t, t.new_zeros(t.shape[0], w - t.shape[1])], 1)
+    return SequenceBatch(prompt_ids=torch.cat([left(b.prompt_ids, P) for b in parts]),
+                         prompt_mask=torch.cat([left(b.prompt_mask, P) for b in parts]),
+                         completion_ids=torch.cat([right(b.completion_ids, C) for b in parts]),
+                         completion_mask=torch.cat([right(b.completion_mask, C) for b in parts]),
+                         temperature=torch.cat([b.temperature for b in parts]))
+
+
 @dataclass
 class PackedBatch:
     """Rows of a ``SequenceBatch`` packed into one sequence of real tokens."""

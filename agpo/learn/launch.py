@@ -65,8 +65,11 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.rollout.max_new_tokens is None:
         cfg.rollout.max_new_tokens = preset.max_new_tokens if preset else 512
+    embedded = cfg.model.model == "tiny" and cfg.data.dataset == "arith"
     if cfg.warmup.sft_steps is None:
-        cfg.warmup.sft_steps = 300 if (cfg.model.model == "tiny" and cfg.data.dataset == "arith") else 0
+        cfg.warmup.sft_steps = 1500 if embedded else 0
+    if cfg.warmup.sft_target_loss is None:
+        cfg.warmup.sft_target_loss = 0.5 if embedded else 0.0
     cfg.rollout.engine = resolve_engine(cfg.rollout.engine, cfg.model.device)
     try:
         cfg.loss.tis = resolve_tis(cfg.loss.tis, cfg.rollout.engine, cfg.loss.score_temperature)
@@ -210,7 +213,8 @@ def run(cfg: TrainConfig) -> dict:
             model.to(env.device)
             events["warmup"] = supervised_warmup(Policy(model, impl=cfg.loss.impl), tok, train_problems,
                                                  steps=w.sft_steps, batch_size=w.sft_batch_size, lr=w.sft_lr,
-                                                 seed=cfg.run.seed, progress=cfg.run.progress and env.is_main)
+                                                 seed=cfg.run.seed, progress=cfg.run.progress and env.is_main,
+                                                 target_loss=w.sft_target_loss or None)
             if env.is_main:
                 model.save_pretrained(str(ref_dir))
                 tok.save_pretrained(str(ref_dir))
@@ -251,7 +255,7 @@ def run(cfg: TrainConfig) -> dict:
         stopped = None
         signals = preempt.agreed(env)  # also a signal that came during the warm-up or the first evaluation
         while trainer.step_count < r.steps and not signals:
-            if r.token_budget and trainer.tokens_generated >= r.token_budget:
+            if not trainer.budget_allows_step():  # the step boundary nearest the budget
                 stopped = f"token budget {r.token_budget} reached"
                 break
             metrics = trainer.step()

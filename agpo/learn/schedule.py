@@ -42,6 +42,16 @@ class PromptSampler:
         self._order = self._permutation()
 
 
+def _after_warmup(frac: float, schedule: str, min_ratio: float) -> float:
+    """The multiplier ``frac`` of the way from the end of the warm-up to the end of the run."""
+    if schedule == "constant":
+        return 1.0
+    frac = min(1.0, max(0.0, frac))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * frac
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def lr_lambda(total: int, warmup_ratio: float, schedule: str, min_ratio: float):
     """LR multiplier per optimiser step: linear warm-up, then constant / linear / cosine."""
     warm = int(round(total * warmup_ratio))
@@ -49,10 +59,27 @@ def lr_lambda(total: int, warmup_ratio: float, schedule: str, min_ratio: float):
     def f(i: int) -> float:
         if i < warm:
             return (i + 1) / warm
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (i - warm) / max(1, total - warm))
-        if schedule == "linear":
-            return 1.0 - (1.0 - min_ratio) * frac
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return _after_warmup((i - warm) / max(1, total - warm), schedule, min_ratio)
     return f
+
+
+def budget_lr(spent: float, step_share: float, warmup_ratio: float, schedule: str, min_ratio: float) -> float:
+    """LR multiplier of an optimiser step of a run sized by a token budget: the schedule's
+    clock is the share of the budget generated (``spent`` when the optimiser step starts,
+    ``step_share`` per optimiser step), so a run that stops at its budget ends its schedule
+    there, however many steps that took. The warm-up is the first ``warmup_ratio`` of the
+    budget (its first optimiser step at ``step_share / warmup_ratio``, never 0)."""
+    if spent < warmup_ratio:
+        return min(1.0, (spent + step_share) / warmup_ratio)
+    return _after_warmup((spent - warmup_ratio) / max(1e-12, 1.0 - warmup_ratio), schedule, min_ratio)
+
+
+def budget_allows(spent: int, last_step: int, budget: int) -> bool:
+    """Whether a run with ``budget`` generated tokens takes another step, having generated
+    ``spent`` so far and ``last_step`` in its last step (0 before the first): it stops at the
+    step boundary nearest the budget, so a run of any algorithm ends within half a step of
+    its own kind of the budget (the last step's size standing in for the next one's), and
+    never passes it by more than one step."""
+    if spent >= budget:
+        return False
+    return spent + last_step / 2 <= budget

@@ -13,8 +13,9 @@
 4. per-group token-mean entropy -> ``controller.clip_step`` -> eps[P];
 5. ``update_epochs`` passes of ``agpo_loss`` with eps[p] for group p's rows, micro-batched
    by a padded-token budget with gradient accumulation; one clipped AdamW step per pass;
-6. re-score -> per-group step KL -> ``controller.update_step_kl`` (when the clip
-   controller is on); metrics.
+6. re-score -> per-group step KL (``kl/step``, for every algorithm) ->
+   ``controller.update_step_kl`` (when the clip controller is on); metrics, among them what
+   the clip did (``agpo.learn.clipstats``).
 
 Rewards of a phase are scored in one batch (``agpo.tasks.rewards.score_batch``: the math-verify
 comparisons go to the worker pool together). Non-finite values never reach the weights or
@@ -37,12 +38,14 @@ from dataclasses import replace
 
 import torch
 
-from agpo.algo.controllers import AGPOController
+from agpo.algo.controllers import AGPOController, step_kl
 from agpo.algo.stats import VOTE_KEYS, group_vote_entropy
 from agpo.learn.batches import SequenceBatch
+from agpo.learn.clipstats import ClipTally, clip_counts
 from agpo.learn.packing import micro_batches, pack, processed_tokens
 from agpo.learn.policy import Policy
-from agpo.learn.schedule import PromptSampler, lr_lambda
+from agpo.learn.probe import keep_groups, reuse_advantages, select_groups, with_probe
+from agpo.learn.schedule import PromptSampler, budget_allows, budget_lr, lr_lambda
 from agpo.rollout import Rollout, make_engine
 from agpo.rollout.correction import (
     importance_weights,
@@ -91,8 +94,11 @@ def _group_token_mean(values: torch.Tensor, mask: torch.Tensor, group_size: int)
 
 
 def _stats(prefix: str, t: torch.Tensor) -> dict[str, float]:
-    t = t.float()
-    return {f"{prefix}/mean": float(t.mean()), f"{prefix}/min": float(t.min()), f"{prefix}/max": float(t.max())}
+    """Mean, spread and range of a per-group controller output over the step's groups."""
+    t = t.double()
+    sd = float(t.std()) if t.numel() > 1 else 0.0
+    return {f"{prefix}/mean": float(t.mean()), f"{prefix}/sd": sd, f"{prefix}/min": float(t.min()),
+            f"{prefix}/max": float(t.max())}
 
 
 class Trainer:
@@ -133,6 +139,9 @@ class Trainer:
             self.optimizer, lr_lambda(total, cfg.optim.warmup_ratio, cfg.optim.schedule, cfg.optim.min_lr_ratio))
         self.step_count = 0
         self.tokens_generated = 0
+        self.last_step_tokens = 0
+        """Tokens generated (all ranks, probe included) by the last step: the budget's stop
+        rule, and the schedule's clock during an update (``budget_lr``)."""
         self.chat = uses_chat_template(tokenizer)
         self.engine = make_engine(cfg, self.layout, tokenizer, dtype=compute_dtype or next(model.parameters()).dtype)
         self.tis = resolve_tis(cfg.loss.tis, self.engine.name, cfg.loss.score_temperature)
@@ -167,12 +176,13 @@ class Trainer:
         plain = not self.chat and not all(p.verbatim for p in problems)
         return prompts, (PLAIN_STOP if plain else None)
 
-    def _sample(self, prompts, stop, tau, *, phase: int, first_prompt: int) -> Rollout:
+    def _sample(self, prompts, stop, tau, *, phase: int, first_prompt: int, group_size: int | None = None) -> Rollout:
         """One phase's samples; the noise depends on (seed, step, phase, global row) only."""
         r = self.cfg.rollout
-        return self.engine.sample(prompts, tau, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
+        G = group_size or r.group_size
+        return self.engine.sample(prompts, tau, group_size=G, max_new_tokens=r.max_new_tokens,
                                   top_p=r.top_p, add_special_tokens=not self.chat, stop=stop, seed=self.cfg.run.seed,
-                                  stream=2 * self.step_count + phase, row_offset=first_prompt * r.group_size,
+                                  stream=2 * self.step_count + phase, row_offset=first_prompt * G,
                                   weights_version=self.weights_version)
 
     def _correction(self, roll: Rollout, old_logp: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -255,15 +265,21 @@ class Trainer:
         n_real, n_processed = processed_tokens(batch, groups, packed=cfg.optim.packing)
         total = all_reduce_sum({"tokens": float(batch.completion_mask.sum()), "rows": float(batch.rows),
                                 "real": float(n_real), "processed": float(n_processed)}, self.env)
-        sums = {"clip_frac": 0.0, "ratio_mean": 0.0, "kl_mean": 0.0}
+        sums = {"kl_mean": 0.0}
+        tally = ClipTally(cfg.optim.update_epochs)
+        c = cfg.controller
+        base = dict(base_low=c.eps_base, base_high=c.eps_base + cfg.loss.eps_high_offset, dual_clip=cfg.loss.dual_clip)
+        C = batch.completion_ids.shape[1]
+        per_tok = lambda t: t.float()[:, None].expand(-1, C)
         losses, norms, skipped = [], [], 0
-        for _ in range(cfg.optim.update_epochs):
+        for epoch in range(cfg.optim.update_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             epoch_loss = 0.0
             for idx in self._same_count(groups):
                 real = idx is not None
                 idx = idx if real else groups[0]  # a zero-weight pass keeps the ranks' collectives paired
-                inp, tok = self._micro(batch, idx, old_logp=old_logp, ref_logp=ref_logp, is_weight=is_weight)
+                inp, tok = self._micro(batch, idx, old_logp=old_logp, ref_logp=ref_logp, is_weight=is_weight,
+                                       adv=per_tok(adv), eps=per_tok(eps), mask=batch.completion_mask)
                 args = dict(advantages=adv[idx].to(self.device), old_logp=tok["old_logp"],
                             eps_low=eps[idx].to(self.device), eps_high=(eps[idx] + cfg.loss.eps_high_offset).to(self.device),
                             beta=cfg.loss.beta, kl_estimator=cfg.loss.kl_estimator,
@@ -279,17 +295,22 @@ class Trainer:
                 if real:
                     epoch_loss += float(loss.detach()) * w
                     share = float(batch.completion_mask[idx].sum()) / max(1.0, total["tokens"]) / cfg.optim.update_epochs
-                    for k in sums:
-                        sums[k] += float(m[k]) * share
+                    sums["kl_mean"] += float(m["kl_mean"]) * share
+                    eps_t = tok["eps"]
+                    tally.add(epoch, clip_counts(m["logp"], tok["old_logp"], tok["adv"], eps_t,
+                                                 eps_t + cfg.loss.eps_high_offset, tok["mask"], **base))
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.optimizer.param_groups[0]["params"]
                                                    if p.grad is not None], clip)
             norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             applied = not self._any_rank(not finite(epoch_loss, norms[-1]))  # the loss is this rank's
             if applied:
+                if cfg.run.token_budget:  # the schedule's clock is the budget (agpo.learn.schedule.budget_lr)
+                    self._set_budget_lr(epoch)
                 self.optimizer.step()
                 self.weights_version += 1
-                self.scheduler.step()
+                if not cfg.run.token_budget:
+                    self.scheduler.step()
             else:  # a non-finite step: nothing of it is applied (nor counted by the LR schedule)
                 skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -297,16 +318,37 @@ class Trainer:
             losses.append(epoch_loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.eval()
-        sums = all_reduce_sum({**sums, **{f"loss{i}": v for i, v in enumerate(losses)}}, self.env)
+        sums = all_reduce_sum({**sums, **tally.flat(), **{f"loss{i}": v for i, v in enumerate(losses)}}, self.env)
+        tally.load_flat(sums)
         losses = [sums[f"loss{i}"] for i in range(len(losses))]
-        out = {"loss/policy": losses[0], "loss/policy_last": losses[-1], "loss/clip_frac": sums["clip_frac"],
-               "loss/ratio_mean": sums["ratio_mean"], "optim/grad_norm": sum(norms) / len(norms),
+        out = {"loss/policy": losses[0], "loss/policy_last": losses[-1], **tally.summary(),
+               "optim/grad_norm": sum(norms) / len(norms),
                "update/real_tokens": total["real"] * cfg.optim.update_epochs,
                "update/processed_tokens": total["processed"] * cfg.optim.update_epochs,
-               "optim/lr": self.scheduler.get_last_lr()[0], "optim/skipped_steps": skipped}
+               "optim/lr": self._lr(), "optim/skipped_steps": skipped}
         if ref_logp is not None:
             out["kl/ref"] = sums["kl_mean"]
         return out
+
+    def _lr(self) -> float:
+        """The learning rate of the last optimiser step (under a token budget) or of the next."""
+        return self.optimizer.param_groups[0]["lr"] if self.cfg.run.token_budget else self.scheduler.get_last_lr()[0]
+
+    def _set_budget_lr(self, epoch: int) -> None:
+        """Each parameter group's LR for optimiser step ``epoch`` of this step, from the share
+        of ``--token-budget`` generated when it starts (this step's tokens spread evenly over
+        its epochs)."""
+        o, budget, E = self.cfg.optim, self.cfg.run.token_budget, self.cfg.optim.update_epochs
+        share = self.last_step_tokens / E / budget
+        spent = self.tokens_generated / budget + epoch * share
+        mult = budget_lr(spent, share, o.warmup_ratio, o.schedule, o.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * mult
+
+    def budget_allows_step(self) -> bool:
+        """Whether ``--token-budget`` (if any) leaves room for another step (``budget_allows``)."""
+        budget = self.cfg.run.token_budget
+        return not budget or budget_allows(self.tokens_generated, self.last_step_tokens, budget)
 
     def _skip_update(self, with_ref: bool) -> dict[str, float]:
         """``update``'s metrics for a step whose inputs were not finite: every optimiser
@@ -314,8 +356,8 @@ class Trainer:
         for _ in range(self.cfg.optim.update_epochs):
             self.guard.record(False)
         nan = float("nan")
-        out = {"loss/policy": nan, "loss/policy_last": nan, "loss/clip_frac": nan, "loss/ratio_mean": nan,
-               "optim/grad_norm": nan, "optim/lr": self.scheduler.get_last_lr()[0],
+        out = {"loss/policy": nan, "loss/policy_last": nan, **dict.fromkeys(ClipTally(1).summary(), nan),
+               "optim/grad_norm": nan, "optim/lr": self._lr(),
                "optim/skipped_steps": self.cfg.optim.update_epochs}
         if with_ref:
             out["kl/ref"] = nan
@@ -333,30 +375,32 @@ class Trainer:
         problems = problems[mine]
         prompts, stop = self._prompts(problems)
         m: dict[str, float] = {}
-        probe_tokens, sync_s = 0, 0.0
+        probe, probe_rewards, sync_s = None, None, 0.0
+        keep = torch.ones(P, dtype=torch.bool)
         if cfg.controller.needs_probe:
-            probe = self._sample(prompts, stop, torch.full((len(problems),), cfg.controller.tau_base),
-                                 phase=0, first_prompt=mine.start)
-            pieces = self._gather((self._rewards(problems, prompts, probe), probe.texts))
-            probe_rewards = torch.cat([r for r, _ in pieces])
-            probe_texts = [t for _, texts in pieces for t in texts]
-            tau = torch.full((P,), math.nan)
-            if finite(probe_rewards.mean(1), probe_rewards.std(1)):  # else (rewards of 1e308) the statistics overflow
-                tau = ctl.probe_step(probe_rewards, [probe_texts[p * G:(p + 1) * G] for p in range(P)])
-            probe_tokens = probe.generated_tokens
+            probe, probe_rewards, tau, keep = self._probe(problems, prompts, stop, mine, m)
             sync_s += probe.sync_seconds
-            m.update({"probe/reward_mean": float(probe_rewards.mean()), "time/generate_probe": probe.seconds,
-                      "probe/vote_entropy": ctl.metrics().get("probe/entropy", math.nan)})
         else:
             tau = torch.full((P,), cfg.controller.tau_base)
         bad = not finite(tau)  # no usable probe statistics: no update this step
         if bad:
             tau = torch.full((P,), cfg.controller.tau_base)
-        roll = self._sample(prompts, stop, tau[mine], phase=1, first_prompt=mine.start)
+        kept = keep[mine].nonzero().view(-1)  # this rank's prompts that get a train group
+        train_problems = [problems[i] for i in kept.tolist()]
+        train_prompts = [prompts[i] for i in kept.tolist()]
+        roll = self._sample(train_prompts, stop, tau[mine][kept], phase=1, first_prompt=mine.start)
         self.engine.idle()  # no rollout before the update: a colocated engine frees its memory
-        rewards = self._rewards(problems, prompts, roll)
-        adv = ctl.advantages(rewards).reshape(-1)
-        batch = scoring_batch(roll.batch, cfg.loss.score_temperature)
+        probe_tokens = probe.generated_tokens if probe is not None else 0
+        self.last_step_tokens = int(all_reduce_sum({"t": float(probe_tokens + roll.generated_tokens)}, self.env)["t"])
+        rewards = self._rewards(train_problems, train_prompts, roll)
+        trained, n_train = roll, roll.batch.rows  # the rows the update learns from; the train group's first
+        if cfg.rollout.probe_reuse:
+            from_probe = select_groups(probe, kept)
+            trained = with_probe(roll, from_probe)
+            adv = reuse_advantages(ctl.advantages, rewards, probe_rewards[mine][kept])
+        else:
+            adv = ctl.advantages(rewards).reshape(-1)
+        batch = scoring_batch(trained.batch, cfg.loss.score_temperature)
 
         t0 = time.perf_counter()
         ent_t = 1.0 if cfg.controller.entropy_temperature == "one" else None
@@ -367,37 +411,45 @@ class Trainer:
                 ref_logp = self.score(ref, batch)[0]
         t_score = time.perf_counter() - t0
         on = batch.completion_mask.bool()
+        train_mask = batch.completion_mask[:n_train]
         bad = self._any_rank(bad or not finite(adv, old_logp[on], ent[on], None if ref_logp is None else ref_logp[on]))
+        groups = keep.nonzero().view(-1)  # the global prompts trained this step
         if bad:
-            eps = torch.full((P,), cfg.controller.eps_base)
-        else:
-            eps = ctl.clip_step(self._cat(_group_token_mean(ent, batch.completion_mask, G)))
-        is_weight, mismatch = self._correction(roll, old_logp)
+            eps = torch.full((len(groups),), cfg.controller.eps_base)
+        else:  # the controller's entropy is the train group's, as in the paper
+            eps = ctl.clip_step(self._cat(_group_token_mean(ent[:n_train], train_mask, G)), groups=groups.tolist())
+        is_weight, mismatch = self._correction(trained, old_logp)
         m.update(mismatch)
 
         t0 = time.perf_counter()
         if bad:
             m.update(self._skip_update(ref_logp is not None))
         else:
-            m.update(self.update(batch, adv, eps[mine].repeat_interleave(G), old_logp, ref_logp, is_weight))
+            first = int(keep[:mine.start].sum())  # this rank's groups start there among the trained ones
+            eps_mine = eps[first:first + len(kept)]
+            eps_rows = eps_mine.repeat_interleave(G)
+            if cfg.rollout.probe_reuse:
+                eps_rows = torch.cat([eps_rows, eps_mine.repeat_interleave(probe.group_size)])
+            m.update(self.update(batch, adv, eps_rows, old_logp, ref_logp, is_weight))
         t_update = time.perf_counter() - t0
         applied = cfg.optim.update_epochs - m["optim/skipped_steps"]
+        kl = float("nan")  # measured for every algorithm; only the clip controller feeds on it
+        if applied:
+            new_logp, _ = self.score(self.policy, batch)
+            kl_groups = self._cat(_group_token_mean((old_logp - new_logp)[:n_train], train_mask, G))
+            if finite(kl_groups):
+                kl = ctl.update_step_kl(kl_groups) if cfg.controller.adaptive_clip else step_kl(kl_groups)
+        m["kl/step"] = kl
         if cfg.controller.adaptive_clip:
-            kl = float("nan")
-            if applied:
-                new_logp, _ = self.score(self.policy, batch)
-                kl_groups = self._cat(_group_token_mean(old_logp - new_logp, batch.completion_mask, G))
-                if finite(kl_groups):
-                    kl = ctl.update_step_kl(kl_groups)
-            m["kl/step"], m["kl/step_ema"] = kl, ctl.step_kl_ema
+            m["kl/step_ema"] = ctl.step_kl_ema
         self.guard.end(ctl, applied)  # the controller does not advance on a step that applied nothing
 
         self.step_count += 1
-        mask = batch.completion_mask
+        mask = train_mask
         local = {"rewards": rewards, "lengths": roll.lengths, "texts": roll.texts,
-                 "entropy": float((ent * mask).sum()), "scored": float(mask.sum()),
+                 "entropy": float((ent[:n_train] * mask).sum()), "scored": float(mask.sum()),
                  "probe_tokens": probe_tokens, "train_tokens": roll.generated_tokens,
-                 "correct": self._correct(problems, roll, rewards), "reward_errors": self.reward_errors,
+                 "correct": self._correct(train_problems, roll, rewards), "reward_errors": self.reward_errors,
                  "verifier": _delta(self.verifier.stats.snapshot(), verified0)}
         parts = self._gather(local)
         rewards = torch.cat([q["rewards"] for q in parts])
@@ -436,6 +488,28 @@ class Trainer:
             keys = VOTE_KEYS[cfg.controller.vote_keys]
             m["probe/vote_entropy"] = float(group_vote_entropy([texts[p * G:(p + 1) * G] for p in range(P)], keys).mean())
         return m
+
+    def _probe(self, problems: list[Problem], prompts: list[str], stop, mine: slice, m: dict):
+        """The probe phase at ``tau_base``: this rank's probe rollout, all ranks' probe
+        rewards ``[P, Gp]``, the temperatures ``[P]`` (NaN when the rewards' statistics are
+        not finite) and which prompts get a train group (all, unless ``--probe-filter``)."""
+        cfg, ctl = self.cfg, self.controller
+        Gp = cfg.rollout.probe_size or cfg.rollout.group_size
+        probe = self._sample(prompts, stop, torch.full((len(problems),), cfg.controller.tau_base),
+                             phase=0, first_prompt=mine.start, group_size=Gp)
+        pieces = self._gather((self._rewards(problems, prompts, probe), probe.texts))
+        rewards = torch.cat([r for r, _ in pieces])
+        texts = [t for _, part in pieces for t in part]
+        P = rewards.shape[0]
+        tau = torch.full((P,), math.nan)
+        if finite(rewards.mean(1), rewards.std(1)):  # else (rewards of 1e308) the statistics overflow
+            tau = ctl.probe_step(rewards, [texts[p * Gp:(p + 1) * Gp] for p in range(P)])
+        keep = keep_groups(rewards, self.env.world_size) if cfg.rollout.probe_filter else torch.ones(P, dtype=torch.bool)
+        m.update({"probe/reward_mean": float(rewards.mean()), "time/generate_probe": probe.seconds,
+                  "probe/vote_entropy": ctl.metrics().get("probe/entropy", math.nan),
+                  "probe/zero_std_frac": float((rewards.std(1) < 1e-12).double().mean()),
+                  "probe/skipped_frac": float((~keep).double().mean())})
+        return probe, rewards, tau, keep
 
     def _clamp_shares(self, tau: torch.Tensor, eps: torch.Tensor) -> dict[str, float]:
         """Share of the step's groups whose tau / eps sits at a clamp of its controller (a
@@ -500,7 +574,8 @@ class Trainer:
         """Everything but the weights and optimiser state (those go to the sharded checkpoint)."""
         return {"scheduler": self.scheduler.state_dict(), "controller": self.controller.state_dict(),
                 "sampler": self.sampler.state_dict(), "step": self.step_count,
-                "tokens_generated": self.tokens_generated, "skipped_in_a_row": self.guard.skipped_in_a_row}
+                "tokens_generated": self.tokens_generated, "last_step_tokens": self.last_step_tokens,
+                "skipped_in_a_row": self.guard.skipped_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
@@ -508,6 +583,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step_count = int(state["step"])
         self.tokens_generated = int(state["tokens_generated"])
+        self.last_step_tokens = int(state.get("last_step_tokens", 0))
         self.guard.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
 
     def save_checkpoint(self, run_dir, extra: dict, *, keep: int):

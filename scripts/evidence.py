@@ -1,0 +1,250 @@
+"""Does AGPO help? The paired, many-seed experiment of docs/recipes.md#does-agpo-help, and its table.
+
+    python scripts/evidence.py run --out runs/evidence          # every run (about 85 min on 2 cores)
+    python scripts/evidence.py report --out runs/evidence       # table, JSON and plot from the runs
+
+Every arm is the tiny preset on its embedded task after the same warm-up (each seed's
+warm-up, prompt order and sampling noise are shared by all its arms: common random
+numbers), 4 update epochs, a constant learning rate and the same budget of generated
+tokens with the probe's counted. Arms (``ARMS``): AGPO; GRPO with groups of 2G (the
+primary control: the same tokens and updates); GRPO with groups of G (twice the steps);
+GRPO at AGPO's realised mean eps; AGPO training on its probe; AGPO whose probe filters
+prompts. ``run`` skips runs already finished (rerun it to continue) and runs ``--jobs``
+at a time with one thread each; arguments after ``--`` go to every ``agpo.train``.
+``report`` compares each arm with GRPO-2G seed by seed: paired differences of held-out
+accuracy at four equal-token points with 95% t intervals and a sign-flip permutation test;
+collapse counts, spread across seeds, and the controllers' trajectories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ARMS = {  # name -> (label, agpo.train flags, --eval-every)
+    "agpo": ("AGPO (probe G + train G)", ["--algo", "agpo", "--group-size", "8"], 10),
+    "grpo16": ("GRPO, groups of 2G", ["--algo", "grpo", "--group-size", "16"], 10),
+    "grpo8": ("GRPO, groups of G, 2x steps", ["--algo", "grpo", "--group-size", "8"], 20),
+    "grpo16-eps": ("GRPO 2G at AGPO's mean eps", ["--algo", "grpo", "--group-size", "16"], 10),
+    "agpo-reuse": ("AGPO + probe reuse", ["--algo", "agpo", "--group-size", "8", "--probe-reuse"], 10),
+    "agpo-filter": ("AGPO + probe filter", ["--algo", "agpo", "--group-size", "8", "--probe-filter"], 10),
+}
+PRIMARY = ("agpo", "grpo16")
+"""Run for every seed (``--seeds``); the other arms for the first ``--extra-seeds``."""
+CONTROL = "grpo16"
+COMMON = ["--prompts-per-step", "16", "--update-epochs", "4", "--test-size", "1000", "--eval-size", "1000",
+          "--save-every", "0", "--no-progress", "--overwrite", "--steps", "100000"]
+POINTS = (0.25, 0.5, 0.75, 1.0)
+"""Shares of the token budget where the arms are compared."""
+COLLAPSE_DROP = 0.10
+"""Collapse (fixed before the runs): an evaluation this far below the run's best earlier one,
+or a final accuracy below the accuracy before RL."""
+
+
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / arm / f"s{seed}"
+
+
+def realised_eps(out: Path) -> float:
+    """AGPO's mean eps over the steps of its finished runs (for the ``grpo16-eps`` arm)."""
+    means = []
+    for d in sorted((out / "agpo").glob("s*")):
+        if (d / "summary.json").is_file():
+            rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
+            vals = [r["eps/mean"] for r in rows if "eps/mean" in r and math.isfinite(r["eps/mean"])]
+            means.append(sum(vals) / len(vals))
+    if not means:
+        raise SystemExit("grpo16-eps: no finished agpo run yet to take the realised eps from")
+    return round(sum(means) / len(means), 4)
+
+
+def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log) -> None:
+    d = run_dir(out, arm, seed)
+    if (d / "summary.json").is_file():
+        return
+    flags = list(ARMS[arm][1])
+    if arm == "grpo16-eps":
+        flags += ["--eps-base", str(realised_eps(out))]
+    cmd = [sys.executable, "-m", "agpo.train", *COMMON, *flags, "--eval-every", str(ARMS[arm][2]),
+           "--token-budget", str(budget), "--seed", str(seed), "--out-dir", str(d), *extra]
+    d.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.time()
+    with open(d.parent / f"s{seed}.log", "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    log(f"{arm} seed {seed}: exit {rc} in {time.time() - t0:.0f} s")
+    if rc:
+        raise SystemExit(f"{arm} seed {seed} failed (exit {rc}); see {d.parent / f's{seed}.log'}")
+
+
+def cmd_run(a) -> None:
+    out = Path(a.out)
+    arms = a.arms.split(",")
+    queue = [(arm, s) for s in range(a.seeds) for arm in PRIMARY if arm in arms]
+    queue += [(arm, s) for s in range(a.extra_seeds) for arm in ARMS if arm in arms and arm not in PRIMARY]
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    log(f"{len(queue)} runs, {a.jobs} at a time, budget {a.budget} tokens each")
+    with ThreadPoolExecutor(a.jobs) as pool:
+        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log) for arm, s in queue]:
+            f.result()
+
+
+# -- the report -----------------------------------------------------------------------------
+def read_run(d: Path) -> dict:
+    """A finished run's evaluation curve ``[(tokens, accuracy)]`` (before RL at 0 tokens),
+    its final accuracy, tokens and per-step metrics."""
+    summary = json.loads((d / "summary.json").read_text())
+    rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    steps = [r for r in rows if "tokens/generated_total" in r]
+    curve = [(0, summary["accuracy_before"])]
+    curve += [(r["tokens/generated_total"], r["eval/accuracy"]) for r in steps if "eval/accuracy" in r]
+    curve.append((summary["tokens_generated"], summary["accuracy_after"]))
+    return {"summary": summary, "curve": curve, "steps": steps}
+
+
+def at_tokens(curve: list[tuple[int, float]], t: float) -> float:
+    """The accuracy at ``t`` tokens, linear between evaluations (the last one past the end)."""
+    for (t0, a0), (t1, a1) in zip(curve, curve[1:]):
+        if t0 <= t <= t1:
+            return a0 if t1 == t0 else a0 + (a1 - a0) * (t - t0) / (t1 - t0)
+    return curve[-1][1]
+
+
+def collapsed(curve: list[tuple[int, float]]) -> bool:
+    accs = [a for _, a in curve]
+    drop = any(a < max(accs[:i]) - COLLAPSE_DROP for i, a in enumerate(accs) if i)
+    return drop or accs[-1] < accs[0]
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+"""Two-sided 95% quantiles of Student's t by degrees of freedom."""
+
+
+def paired(diffs: list[float], rounds: int = 20000) -> dict:
+    """Mean, 95% t interval and two-sided sign-flip permutation p of paired differences."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "lo": math.nan, "hi": math.nan, "p": math.nan}
+    half = T95.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n)
+    rng = random.Random(0)
+    if n <= 14:  # every sign pattern
+        pats = [[(1 if (k >> i) & 1 else -1) for i in range(n)] for k in range(2 ** n)]
+    else:
+        pats = [[rng.choice((1, -1)) for _ in range(n)] for _ in range(rounds)]
+    extreme = sum(abs(sum(s * d for s, d in zip(p, diffs))) >= abs(sum(diffs)) - 1e-12 for p in pats)
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "p": extreme / len(pats)}
+
+
+def mean_of(steps: list[dict], key: str) -> float:
+    vals = [r[key] for r in steps if key in r and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def cmd_report(a) -> None:
+    out = Path(a.out)
+    runs = {arm: {int(d.name[1:]): read_run(d) for d in sorted((out / arm).glob("s*"))
+                  if (d / "summary.json").is_file()} for arm in ARMS if (out / arm).is_dir()}
+    runs = {k: v for k, v in runs.items() if v}
+    b = min(r["summary"]["tokens_generated"] for v in runs.values() for r in v.values())
+    result = {"compared_at_tokens": {str(p): p * b for p in POINTS}, "arms": {}}  # one token axis for all arms
+    control = runs.get(CONTROL, {})
+    for arm, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        acc = {p: [at_tokens(by_seed[s]["curve"], p * b) for s in seeds] for p in POINTS}
+        row = {"label": ARMS[arm][0], "seeds": seeds,
+               "tokens_median": statistics.median(r["summary"]["tokens_generated"] for r in by_seed.values()),
+               "tokens_range": [min(r["summary"]["tokens_generated"] for r in by_seed.values()),
+                                max(r["summary"]["tokens_generated"] for r in by_seed.values())],
+               "steps_median": statistics.median(r["summary"]["steps"] for r in by_seed.values()),
+               "before": statistics.mean(by_seed[s]["curve"][0][1] for s in seeds),
+               "accuracy": {str(p): statistics.mean(v) for p, v in acc.items()},
+               "final_sd": statistics.stdev(acc[1.0]) if len(seeds) > 1 else math.nan,
+               "collapses": sum(collapsed(by_seed[s]["curve"]) for s in seeds),
+               "controllers": {k: statistics.mean(mean_of(by_seed[s]["steps"], k) for s in seeds)
+                               for k in ("eps/mean", "eps/sd", "tau/mean", "tau/sd", "loss/clip_frac",
+                                         "loss/clip_frac_base", "loss/clip_changed", "kl/step", "policy/entropy",
+                                         "probe/skipped_frac", "reward/zero_std_frac")}}
+        if arm != CONTROL and control:
+            both = [s for s in seeds if s in control]
+            row["vs_control"] = {str(p): paired([at_tokens(by_seed[s]["curve"], p * b)
+                                                  - at_tokens(control[s]["curve"], p * b) for s in both])
+                                 for p in POINTS}
+        result["arms"][arm] = row
+    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    if a.plot:
+        plot(runs, Path(a.plot))
+
+
+def markdown(result: dict) -> str:
+    pct = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+    lines = ["| arm | seeds | steps | tokens | before | " + " | ".join(f"{int(100 * p)}%" for p in POINTS)
+             + " | final - GRPO-2G [95% CI], p | sd | collapses |", "|" + "---|" * (9 + len(POINTS) - 1)]
+    for arm, r in result["arms"].items():
+        vs = r.get("vs_control", {}).get("1.0")
+        diff = "(control)" if vs is None else f"{100 * vs['mean']:+.1f} [{100 * vs['lo']:+.1f}, {100 * vs['hi']:+.1f}], " \
+                                              f"p={vs['p']:.2f}"
+        lines.append(f"| {r['label']} | {len(r['seeds'])} | {r['steps_median']:.0f} | {r['tokens_median']:.0f} | "
+                     f"{pct(r['before'])} | " + " | ".join(pct(r["accuracy"][str(p)]) for p in POINTS)
+                     + f" | {diff} | {pct(r['final_sd'])} | {r['collapses']}/{len(r['seeds'])} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    grid = [i / 20 for i in range(21)]
+    for arm, by_seed in runs.items():
+        b = statistics.median(r["summary"]["tokens_generated"] for r in by_seed.values())
+        mean = [statistics.mean(at_tokens(r["curve"], g * b) for r in by_seed.values()) for g in grid]
+        axes[0].plot([g * b for g in grid], [100 * m for m in mean], label=f"{ARMS[arm][0]} (n={len(by_seed)})")
+        for ax, key in ((axes[1], "policy/entropy"), (axes[2], "loss/clip_frac")):
+            curves = [[r.get(key, math.nan) for r in run["steps"]] for run in by_seed.values()]
+            n = min(len(c) for c in curves)
+            tokens = [statistics.mean(run["steps"][i]["tokens/generated_total"] for run in by_seed.values())
+                      for i in range(n)]
+            ax.plot(tokens, [statistics.mean(c[i] for c in curves) for i in range(n)], label=ARMS[arm][0])
+    axes[0].set(xlabel="generated tokens (probe included)", ylabel="held-out accuracy, % (mean over seeds)")
+    axes[1].set(xlabel="generated tokens", ylabel="policy entropy (T=1)")
+    axes[2].set(xlabel="generated tokens", ylabel="clip share, epochs 2-4")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train every arm and seed that has not finished")
+    r.add_argument("--out", default="runs/evidence")
+    r.add_argument("--seeds", type=int, default=16, help="seeds of AGPO and GRPO-2G")
+    r.add_argument("--extra-seeds", type=int, default=8, help="seeds of the other arms")
+    r.add_argument("--arms", default=",".join(ARMS))
+    r.add_argument("--budget", type=int, default=90000, help="generated tokens per run, probe included")
+    r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("extra", nargs="*", help="after --: more agpo.train flags for every run")
+    q = sub.add_parser("report", help="the table (markdown), report.json and the plot")
+    q.add_argument("--out", default="runs/evidence")
+    q.add_argument("--plot", default=None, help="write the plot here (PNG)")
+    a = p.parse_args(argv)
+    cmd_run(a) if a.cmd == "run" else cmd_report(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The evidence switches of issue 26: what the clip did (per epoch, and against a fixed eps),
+step KL for every algorithm, the budget-sized schedule and its stop rule, the warm-up to a
+target loss, the paper's example recipe, and the probe that filters prompts and is trained on.
+Values are built by hand (constructed ratios, designed rewards), not sampled."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import _designed_rewards, small_cfg, warm  # noqa: F401  (warm is a fixture)
+
+from agpo.algo.controllers import AGPOController, ControllerConfig
+from agpo.algo.stats import group_advantages
+from agpo.config import ConfigError, config_from_args
+from agpo.learn.batches import SequenceBatch, concat_batches
+from agpo.learn.clipstats import ClipTally, clip_counts
+from agpo.learn.launch import run
+from agpo.learn.policy import Policy
+from agpo.learn.probe import keep_groups, reuse_advantages, select_groups, with_probe
+from agpo.learn.schedule import budget_allows, budget_lr
+from agpo.learn.sft import TARGET_WINDOW, supervised_warmup
+from agpo.learn.trainer import Trainer
+from agpo.rollout import Rollout
+from agpo.runtime.metrics_log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- what the clip did ----------------------------------------------------------------------
+def test_clip_counts_on_a_constructed_batch():
+    """Ratios and advantages chosen so each token's decision is known: eps 0.1 (adaptive)
+    clips 4 tokens, eps_base 0.2 clips 2 of them, so 2 decisions differ; a masked token
+    that would clip under both counts nowhere."""
+    ratio = torch.tensor([1.15, 1.25, 0.85, 0.75, 1.05, 0.5, 1.15, 3.0])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0])
+    mask = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0])
+    # clipped at 0.1: 1.15(A>0) 1.25(A>0) 0.85(A<0) 0.75(A<0); 0.5 with A>0 and 1.15 with A<0 are not cut
+    old = torch.zeros(8, dtype=torch.float64)
+    logp = ratio.double().log()
+    eps = torch.full((8,), 0.1)
+    tokens, clipped, base, differ, ratio_sum = clip_counts(logp, old, adv, eps, eps, mask, base_low=0.2, base_high=0.2)
+    assert (tokens, clipped, base, differ) == (7, 4, 2, 2)
+    assert ratio_sum == pytest.approx(float(ratio[:7].sum()), rel=1e-6)
+    # an asymmetric base: only the upper side widened -> 1.15 and 1.25 no longer clip
+    assert clip_counts(logp, old, adv, eps, eps, mask, base_low=0.1, base_high=0.3)[2:4] == (2, 2)
+
+
+def test_clip_tally_reports_the_epochs_that_can_clip():
+    t = ClipTally(3)
+    t.add(0, (10, 0, 0, 0, 10.0))   # epoch 1: ratio 1, nothing clipped
+    t.add(1, (10, 2, 1, 1, 10.5))
+    t.add(2, (10, 4, 2, 2, 11.5))
+    flat = t.flat()
+    again = ClipTally(3)
+    again.load_flat(flat)
+    s = again.summary()
+    assert s["loss/clip_frac"] == pytest.approx(6 / 20) and s["loss/clip_frac_base"] == pytest.approx(3 / 20)
+    assert s["loss/clip_changed"] == pytest.approx(3 / 20) and s["loss/ratio_mean"] == pytest.approx(22 / 20)
+    assert s["loss/clip_frac_first"] == 0.0
+    one = ClipTally(1)
+    one.add(0, (4, 1, 1, 0, 4.0))
+    assert one.summary()["loss/clip_frac"] == pytest.approx(0.25)  # one epoch: that epoch
+
+
+def test_clip_step_on_a_subset_of_the_probe_groups():
+    """The eps of probe groups 1 and 3 alone equal those groups' eps in a full step (the
+    entropy reference then advances over the trained groups only)."""
+    cfg = ControllerConfig()
+    rewards = torch.tensor([[0.0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float64)
+    answers = [["1", "1", "1", "1"], ["1", "2", "2", "3"], ["4", "4", "4", "4"], ["5", "6", "5", "6"]]
+    full, sub = AGPOController(cfg), AGPOController(cfg)
+    for c in (full, sub):
+        c.h_ref, c.h_count = 1.0, 1
+        c.probe_step(rewards, answers)
+    whole = full.clip_step([1.0, 1.3, 1.0, 1.3])
+    part = sub.clip_step([1.3, 1.3], groups=[1, 3])
+    assert part[0].item() == pytest.approx(whole[1].item(), rel=1e-6)
+    assert sub.h_count == 3
+    with pytest.raises(ValueError, match="groups"):
+        _probed(cfg, rewards, answers).clip_step([1.0], groups=[7])
+
+
+def _probed(cfg, rewards, answers):
+    c = AGPOController(cfg)
+    c.probe_step(rewards, answers)
+    return c
+
+
+# -- the budget -----------------------------------------------------------------------------
+def test_budget_schedule_and_stop_rule():
+    # warm-up over the first 10% of the budget, then cosine to 0 at the budget
+    assert budget_lr(0.0, 0.01, 0.1, "cosine", 0.0) == pytest.approx(0.1)
+    assert budget_lr(0.05, 0.01, 0.1, "cosine", 0.0) == pytest.approx(0.6)
+    assert budget_lr(0.1, 0.01, 0.1, "cosine", 0.0) == pytest.approx(1.0)
+    assert budget_lr(0.55, 0.01, 0.1, "cosine", 0.0) == pytest.approx(0.5)
+    assert budget_lr(1.0, 0.01, 0.1, "linear", 0.2) == pytest.approx(0.2)
+    assert budget_lr(3.0, 0.01, 0.0, "cosine", 0.1) == pytest.approx(0.1)  # past the budget: the floor
+    assert budget_lr(0.7, 0.01, 0.0, "constant", 0.0) == 1.0
+    # the nearest step boundary: a step of 100 with 60 left is taken, with 40 left it is not
+    assert budget_allows(940, 100, 1000) and not budget_allows(960, 100, 1000)
+    assert budget_allows(0, 0, 1000) and not budget_allows(1000, 0, 1000)
+
+
+def test_budgeted_run_ends_its_schedule_at_the_budget(tmp_path):
+    """A cosine run sized by --token-budget: its LR falls to the floor by the budget's end,
+    whatever --steps says, and it stops within half a step of the budget."""
+    cfg = small_cfg(tmp_path, steps=500, token_budget=500)
+    cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio = "cosine", 0.2, 0.0
+    cfg.warmup.sft_steps, cfg.run.eval_size = 20, 0
+    summary = run(cfg)
+    rows = [r for r in read_metrics(Path(cfg.run.out_dir) / "metrics.jsonl") if "optim/lr" in r]
+    step = rows[-1]["tokens/generated_probe"] + rows[-1]["tokens/generated_train"]
+    assert summary["steps"] < 500 and abs(summary["tokens_generated"] - 500) <= step / 2 + 1e-9
+    lrs = [r["optim/lr"] for r in rows]
+    peak = max(lrs)
+    assert peak == pytest.approx(cfg.optim.lr, rel=0.35)  # reached in the warm-up
+    assert lrs[-1] < 0.15 * peak  # the last optimiser step near the end of the cosine
+    assert lrs.index(peak) < len(lrs) - 1
+
+
+# -- warm-up to a target ------------------------------------------------------------------------
+def test_warmup_stops_at_its_target_loss():
+    from agpo.models import load_model_and_tokenizer
+    from agpo.tasks.data import load_problems
+
+    model, tok = load_model_and_tokenizer("tiny", seed=0)
+    train = load_problems(dataset="arith", split="train")
+    policy = Policy(model)
+    easy = supervised_warmup(policy, tok, train, steps=60, batch_size=8, lr=1e-3, progress=False, target_loss=1e9)
+    assert easy["sft/steps"] == TARGET_WINDOW and easy["sft/reached_target"] == 1.0
+    never = supervised_warmup(policy, tok, train, steps=TARGET_WINDOW + 3, batch_size=8, lr=1e-3, progress=False,
+                              target_loss=1e-9)
+    assert never["sft/steps"] == TARGET_WINDOW + 3 and never["sft/reached_target"] == 0.0
+    plain = supervised_warmup(policy, tok, train, steps=5, batch_size=8, lr=1e-3, progress=False)
+    assert plain["sft/steps"] == 5 and "sft/reached_target" not in plain
+
+
+def test_embedded_default_warms_up_to_a_target():
+    cfg = config_from_args([])
+    from agpo.learn.launch import resolve_defaults
+
+    cfg = resolve_defaults(cfg)
+    assert cfg.warmup.sft_target_loss == 0.5 and cfg.warmup.sft_steps == 1500
+    other = resolve_defaults(config_from_args(["--sft-target-loss", "0", "--sft-steps", "300"]))
+    assert other.warmup.sft_target_loss == 0 and other.warmup.sft_steps == 300
+
+
+# -- recipes -------------------------------------------------------------------------------------
+def test_paper_example_recipe_is_the_authors_example_configs():
+    c = config_from_args(["--recipe", "paper-example"])
+    assert (c.rollout.group_size, c.rollout.prompts_per_step, c.optim.update_epochs) == (2, 1, 1)
+    assert (c.controller.tau_min, c.controller.tau_max, c.model.lora_dropout) == (0.6, 1.3, 0.05)
+    assert (c.optim.lr, c.rollout.top_p, c.loss.kl_estimator) == (1e-5, 0.9, "k1")  # the rest is --recipe paper's
+    assert config_from_args(["--recipe", "paper-example", "--lora-rank", "16"]).loss.beta == 0.0
+    assert config_from_args(["--recipe", "paper-example", "--group-size", "4"]).rollout.group_size == 4
+
+
+def test_probe_switches_need_the_probe():
+    for flag in (["--probe-reuse"], ["--probe-filter"], ["--probe-size", "4"]):
+        with pytest.raises(ConfigError, match="GRPO draws no probe"):
+            config_from_args(["--algo", "grpo", *flag])
+    with pytest.raises(ConfigError, match="--probe-size"):
+        config_from_args(["--probe-size", "1"])
+
+
+# -- the probe that pays for itself ----------------------------------------------------------------
+def test_keep_groups_skips_all_equal_probes_but_keeps_one_per_rank():
+    r = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    assert keep_groups(r).tolist() == [False, True, False, False]
+    assert keep_groups(r, world_size=2).tolist() == [False, True, True, False]  # rank 1 keeps its first
+    assert keep_groups(torch.zeros(3, 4)).tolist() == [True, False, False]
+
+
+def _rollout(rows: int, width: int, G: int, tau: float, seed: int, lp: bool = True) -> Rollout:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (rows,), generator=g)
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
+    batch = SequenceBatch(prompt_ids=torch.randint(3, 9, (rows, 3), generator=g), prompt_mask=torch.ones(rows, 3).long(),
+                          completion_ids=torch.randint(3, 9, (rows, width), generator=g) * mask, completion_mask=mask,
+                          temperature=torch.full((rows,), tau))
+    return Rollout(batch=batch, texts=[f"{seed}-{i}" for i in range(rows)], group_size=G,
+                   generated_tokens=int(mask.sum()), seconds=0.0,
+                   logprobs=-torch.rand(rows, width, generator=g) * mask if lp else None)
+
+
+def test_probe_rows_join_the_train_rows():
+    probe = _rollout(4 * 2, 5, 2, 1.0, seed=1)
+    train = _rollout(2 * 3, 4, 3, 1.2, seed=2)
+    sub = select_groups(probe, torch.tensor([1, 3]))
+    assert sub.texts == ["1-2", "1-3", "1-6", "1-7"]
+    both = with_probe(train, sub)
+    b = both.batch
+    assert b.rows == 10 and both.texts == train.texts + sub.texts
+    assert b.temperature.tolist() == [pytest.approx(1.2)] * 6 + [1.0] * 4
+    for i, src in enumerate([*[(train, j) for j in range(6)], *[(probe, j) for j in (2, 3, 6, 7)]]):
+        roll, j = src
+        n = int(roll.batch.completion_mask[j].sum())
+        assert b.completion_ids[i, :n].tolist() == roll.batch.completion_ids[j, :n].tolist()
+        assert int(b.completion_mask[i].sum()) == n and b.completion_mask[i, n:].sum() == 0
+        assert torch.equal(both.logprobs[i, :n], roll.logprobs[j, :n])
+    assert with_probe(train, _rollout(2 * 2, 5, 2, 1.0, seed=3, lp=False)).logprobs is None
+    wide = concat_batches([train.batch, probe.batch])
+    assert wide.prompt_ids.shape[1] == 3 and wide.completion_ids.shape[1] == 5
+
+
+def test_reuse_advantages_pool_train_and_probe_rewards():
+    train = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    probe = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    adv = reuse_advantages(lambda r: group_advantages(r, "std", 1e-8), train, probe)
+    # prompt 0: rewards 1,0,0,1,1 -> mean 0.6, unbiased sd sqrt(0.3); prompt 1: 1,1,1,0,1 -> mean 0.8, sd sqrt(0.2)
+    a0 = [(v - 0.6) / math.sqrt(0.3) for v in (1, 0, 0)]
+    a1 = [(v - 0.8) / math.sqrt(0.2) for v in (1, 1, 1)]
+    p0 = [(v - 0.6) / math.sqrt(0.3) for v in (1, 1)]
+    p1 = [(v - 0.8) / math.sqrt(0.2) for v in (0, 1)]
+    assert adv.tolist() == pytest.approx(a0 + a1 + p0 + p1, rel=1e-9)
+
+
+def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):
+    """Designed rewards: probe groups 0 and 2 all equal -> skipped; groups 1 and 3 get a train
+    group of 4 and join their 2 probe rows to it: the update sees 2 x (4 + 2) rows with the
+    pooled advantages and each group's eps, and the probe's tokens are counted."""
+    model, tok, train = warm
+    cfg = small_cfg()
+    cfg.rollout.probe_size, cfg.rollout.probe_reuse, cfg.rollout.probe_filter = 2, True, True
+    probe_r = [0, 0, 1, 0, 1, 1, 0, 1]
+    train_r = [1, 0, 0, 0, 1, 1, 1, 0]
+    cfg.rollout.reward = _designed_rewards(probe_r + train_r)
+    tr = Trainer(cfg, copy.deepcopy(model), tok, train)
+    seen = {}
+    real_update, real_sample = tr.update, tr.engine.sample
+
+    def spy_update(batch, adv, eps, *a, **kw):
+        seen.update(rows=batch.rows, adv=adv.clone(), eps=eps.clone(), temps=batch.temperature.clone())
+        return real_update(batch, adv, eps, *a, **kw)
+
+    def spy_sample(prompts, tau, **kw):
+        seen.setdefault("phases", []).append((len(prompts), kw["group_size"]))
+        return real_sample(prompts, tau, **kw)
+
+    monkeypatch.setattr(tr, "update", spy_update)
+    monkeypatch.setattr(tr.engine, "sample", spy_sample)
+    m = tr.step()
+    assert seen["phases"] == [(4, 2), (2, 4)]
+    assert seen["rows"] == 2 * (4 + 2)
+    want = reuse_advantages(tr.controller.advantages, torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.float64),
+                            torch.tensor([[1.0, 0], [0, 1]], dtype=torch.float64))
+    torch.testing.assert_close(seen["adv"], want)
+    eps = seen["eps"]
+    assert torch.equal(eps[:4], eps[:1].expand(4)) and torch.equal(eps[8:10], eps[:1].expand(2))
+    assert torch.equal(eps[4:8], eps[4:5].expand(4)) and torch.equal(eps[10:], eps[4:5].expand(2))
+    assert torch.all(seen["temps"][8:] == cfg.controller.tau_base)
+    assert m["probe/skipped_frac"] == 0.5 and m["probe/zero_std_frac"] == 0.5
+    assert m["tokens/generated_total"] == m["tokens/generated_probe"] + m["tokens/generated_train"]
+    assert math.isfinite(m["kl/step"]) and math.isfinite(m["loss/clip_changed"])
+
+
+def test_grpo_logs_step_kl_and_the_clip_per_epoch(warm):
+    model, tok, train = warm
+    cfg = small_cfg()
+    cfg.controller.adaptive_clip = cfg.controller.adaptive_temp = False
+    cfg.optim.update_epochs = 3
+    tr = Trainer(cfg, copy.deepcopy(model), tok, train)
+    m = tr.step()
+    assert math.isfinite(m["kl/step"]) and m["kl/step"] >= 0 and "kl/step_ema" not in m
+    assert m["loss/clip_frac_first"] == 0.0  # old log-probs are this update's starting weights
+    assert m["loss/clip_changed"] == 0.0  # eps is eps_base: no decision differs
+    assert m["loss/clip_frac"] == m["loss/clip_frac_base"]
+
+
+# -- the experiment's script -----------------------------------------------------------------------
+def _fake_run(d: Path, before: float, evals: list[tuple[int, float]], final: tuple[int, float]):
+    d.mkdir(parents=True)
+    rows = [{"step": i + 1, "tokens/generated_total": t, "eval/accuracy": a, "eps/mean": 0.15}
+            for i, (t, a) in enumerate(evals)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({"accuracy_before": before, "accuracy_after": final[1],
+                                                "tokens_generated": final[0], "steps": len(evals)}))
+
+
+def test_evidence_report_pairs_seeds_on_one_token_axis(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    out = tmp_path / "ev"
+    for s, gain in enumerate([0.02, 0.04, 0.06]):
+        _fake_run(out / "grpo16" / f"s{s}", 0.5, [(500, 0.55), (1000, 0.6)], (1000, 0.6))
+        _fake_run(out / "agpo" / f"s{s}", 0.5, [(500, 0.55 + gain), (1000, 0.6 + gain)], (1000, 0.6 + gain))
+    _fake_run(out / "grpo8" / "s0", 0.5, [(400, 0.7), (800, 0.5)], (800, 0.45))  # collapses: -20 and below start
+    evidence.main(["report", "--out", str(out)])
+    rep = json.loads((out / "report.json").read_text())
+    a = rep["arms"]["agpo"]
+    assert rep["compared_at_tokens"]["1.0"] == 800  # the shortest run sets the common axis
+    vs = a["vs_control"]["1.0"]
+    # at 800 tokens: grpo 0.55 + 0.05*0.6 = 0.58; agpo 0.58 + gain
+    assert vs["mean"] == pytest.approx(0.04) and vs["lo"] < 0.04 < vs["hi"] and vs["p"] == pytest.approx(0.25)
+    assert rep["arms"]["grpo8"]["collapses"] == 1 and a["collapses"] == 0
+    assert evidence.at_tokens([(0, 0.5), (100, 0.7)], 50) == pytest.approx(0.6)
+
+
+def test_evidence_script_runs_scaled_down(tmp_path):
+    """The documented commands, scaled down: two arms, one seed, a few steps."""
+    out = tmp_path / "ev"
+    base = [sys.executable, str(ROOT / "scripts" / "evidence.py")]
+    r = subprocess.run([*base, "run", "--out", str(out), "--seeds", "1", "--extra-seeds", "0", "--budget", "600",
+                        "--arms", "agpo,grpo16", "--", "--sft-steps", "20", "--test-size", "40", "--eval-size", "40",
+                        "--prompts-per-step", "4", "--update-epochs", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([*base, "report", "--out", str(out), "--plot", str(tmp_path / "p.png")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "GRPO, groups of 2G" in r.stdout and (tmp_path / "p.png").stat().st_size > 1000
