@@ -119,6 +119,12 @@ def at_tokens(curve: list[tuple[int, float]], t: float) -> float:
     return curve[-1][1]
 
 
+def auc(curve: list[tuple[int, float]], budget: float) -> float:
+    """Mean accuracy over the run's first ``budget`` tokens (the area under its curve, on 41
+    equally spaced points): less noisy than any single evaluation."""
+    return statistics.mean(at_tokens(curve, budget * i / 40) for i in range(41))
+
+
 def collapsed(curve: list[tuple[int, float]]) -> bool:
     accs = [a for _, a in curve]
     drop = any(a < max(accs[:i]) - COLLAPSE_DROP for i, a in enumerate(accs) if i)
@@ -175,11 +181,14 @@ def cmd_report(a) -> None:
                                for k in ("eps/mean", "eps/sd", "tau/mean", "tau/sd", "loss/clip_frac",
                                          "loss/clip_frac_base", "loss/clip_changed", "kl/step", "policy/entropy",
                                          "probe/skipped_frac", "reward/zero_std_frac")}}
+        row["auc"] = statistics.mean(auc(by_seed[s]["curve"], b) for s in seeds)
         if arm != CONTROL and control:
             both = [s for s in seeds if s in control]
             row["vs_control"] = {str(p): paired([at_tokens(by_seed[s]["curve"], p * b)
                                                   - at_tokens(control[s]["curve"], p * b) for s in both])
                                  for p in POINTS}
+            row["vs_control"]["auc"] = paired([auc(by_seed[s]["curve"], b) - auc(control[s]["curve"], b)
+                                               for s in both])
         result["arms"][arm] = row
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
@@ -198,6 +207,22 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['label']} | {len(r['seeds'])} | {r['steps_median']:.0f} | {r['tokens_median']:.0f} | "
                      f"{pct(r['before'])} | " + " | ".join(pct(r["accuracy"][str(p)]) for p in POINTS)
                      + f" | {diff} | {pct(r['final_sd'])} | {r['collapses']}/{len(r['seeds'])} |")
+    lines += ["", "Paired difference from GRPO-2G at each equal-token point (points; mean [95% CI], sign-flip p):", "",
+              "| arm | " + " | ".join(f"{int(100 * p)}%" for p in POINTS) + " | mean over the run |",
+              "|---|" + "---|" * (len(POINTS) + 1)]
+    for arm, r in result["arms"].items():
+        if "vs_control" in r:
+            cells = [r["vs_control"][str(p)] for p in POINTS] + [r["vs_control"]["auc"]]
+            lines.append(f"| {r['label']} | " + " | ".join(
+                f"{100 * c['mean']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] p={c['p']:.2f}" for c in cells) + " |")
+    keys = (("eps/mean", "eps mean"), ("eps/sd", "eps sd"), ("tau/sd", "tau sd"), ("loss/clip_frac", "clipped"),
+            ("loss/clip_changed", "changed vs eps_base"), ("kl/step", "kl/step"), ("policy/entropy", "entropy"),
+            ("reward/zero_std_frac", "all-equal groups"), ("probe/skipped_frac", "skipped"))
+    lines += ["", "Controllers and trust region, mean over steps and seeds:", "",
+              "| arm | " + " | ".join(k for _, k in keys) + " |", "|---|" + "---|" * len(keys)]
+    fmt = lambda v: "-" if not math.isfinite(v) else f"{v:.3f}"
+    for arm, r in result["arms"].items():
+        lines.append(f"| {r['label']} | " + " | ".join(fmt(r["controllers"][k]) for k, _ in keys) + " |")
     return "\n".join(lines)
 
 

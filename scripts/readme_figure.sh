@@ -4,7 +4,7 @@
 #   bash scripts/readme_figure.sh
 #
 # Two runs of the embedded default (tiny preset, a+b= task, seed 0), one per
-# algorithm, then agpo.plot over both. About a minute per run on 2 idle CPU cores.
+# algorithm, then agpo.plot over both. About two minutes per run on 2 idle CPU cores.
 # The numbers the README quotes are printed at the end and kept, from each run's
 # summary.json, in docs/img/readme-agpo-vs-grpo.json (tests/test_docs.py checks the README
 # against that file).

@@ -222,7 +222,7 @@ def test_reuse_advantages_pool_train_and_probe_rewards():
     assert adv.tolist() == pytest.approx(a0 + a1 + p0 + p1, rel=1e-9)
 
 
-def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):
+def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):  # noqa: F811
     """Designed rewards: probe groups 0 and 2 all equal -> skipped; groups 1 and 3 get a train
     group of 4 and join their 2 probe rows to it: the update sees 2 x (4 + 2) rows with the
     pooled advantages and each group's eps, and the probe's tokens are counted."""
@@ -261,7 +261,7 @@ def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):
     assert math.isfinite(m["kl/step"]) and math.isfinite(m["loss/clip_changed"])
 
 
-def test_grpo_logs_step_kl_and_the_clip_per_epoch(warm):
+def test_grpo_logs_step_kl_and_the_clip_per_epoch(warm):  # noqa: F811
     model, tok, train = warm
     cfg = small_cfg()
     cfg.controller.adaptive_clip = cfg.controller.adaptive_temp = False

@@ -5,6 +5,7 @@
 - ``policy``: the policy's scoring through the fused head (``agpo_kernels``).
 - ``trainer``: one AGPO / GRPO step: rollouts, rewards, controllers, the update.
 - ``probe``: the probe filter and probe reuse (``--probe-filter``, ``--probe-reuse``).
+- ``heldout``: the held-out evaluation during a run, through the engine or HF ``generate``.
 - ``clipstats``: what the clip did in an update (per epoch, and against a fixed eps).
 - ``sft``: the supervised warm-up.
 - ``schedule``: prompt order and the learning-rate schedule.

@@ -42,6 +42,7 @@ from agpo.algo.controllers import AGPOController, step_kl
 from agpo.algo.stats import VOTE_KEYS, group_vote_entropy
 from agpo.learn.batches import SequenceBatch
 from agpo.learn.clipstats import ClipTally, clip_counts
+from agpo.learn.heldout import evaluate_held_out
 from agpo.learn.packing import micro_batches, pack, processed_tokens
 from agpo.learn.policy import Policy
 from agpo.learn.probe import keep_groups, reuse_advantages, select_groups, with_probe
@@ -58,7 +59,7 @@ from agpo.runtime.guard import StepGuard, finite
 from agpo.scale.distributed import DistEnv, all_reduce_sum, gather_objects
 from agpo.scale.parallel import prepare_layout
 from agpo.tasks.data import Problem, format_prompt, uses_chat_template
-from agpo.tasks.evaluate import PLAIN_STOP, evaluate
+from agpo.tasks.evaluate import PLAIN_STOP
 from agpo.tasks.rewards import (
     DEFAULT_VERIFIER,
     correct_many,
@@ -528,46 +529,8 @@ class Trainer:
         return float(sum(correct_many(roll.texts, refs, verifier=self.verifier)))
 
     def evaluate(self, problems: list[Problem]) -> dict:
-        """Greedy held-out accuracy (``agpo.tasks.evaluate.evaluate``), each rank a block of problems.
-
-        With an engine that holds its own weights (vLLM) the completions come from it: woken,
-        synced to the current weights, put back to sleep afterwards; the policy is never
-        gathered beside it (``agpo.rollout.lifecycle``). Otherwise HF ``generate`` on the
-        gathered policy (ranks may make different numbers of calls), with any engine asleep."""
-        cfg = self.cfg
-        batch_size = cfg.rollout.generation_batch_size or 64
-        n, world, rank = len(problems), self.env.world_size, self.env.rank
-        mine = problems[rank * n // world:(rank + 1) * n // world]
-        cap = cfg.run.eval_max_new_tokens or cfg.rollout.max_new_tokens
-        if self.engine.holds_weights:
-            def complete(prompts, **kw):
-                return self.engine.complete(prompts, weights_version=self.weights_version, **kw)
-
-            try:
-                if mine:
-                    s = evaluate(None, self.tokenizer, mine, max_new_tokens=cap, seed=cfg.run.seed, progress=False,
-                                 generate=complete)["summary"]
-                else:  # the engine call is collective: every rank makes it
-                    s = None
-                    complete([], max_new_tokens=cap)
-            finally:
-                self.engine.idle()
-        else:
-            self.engine.idle()
-            with self.layout.generation() as model:
-                s = evaluate(model, self.tokenizer, mine, max_new_tokens=cap, batch_size=batch_size,
-                             seed=cfg.run.seed, progress=False)["summary"] if mine else None
-        if not self.env.distributed:
-            return s
-        parts = [q for q in self._gather(s) if q is not None]
-        total = sum(q["n"] for q in parts)
-        tokens = sum(q["generated_tokens"] for q in parts)
-        acc = sum(q["accuracy"] * q["n"] for q in parts) / total
-        return {**parts[0], "n": total, "accuracy": acc, "pass@1": acc,
-                "no_answer_rate": sum(q["no_answer_rate"] * q["n"] for q in parts) / total,
-                "mean_completion_tokens": tokens / total, "generated_tokens": tokens,
-                "generation_s": max(q["generation_s"] for q in parts),
-                "verifier": {k: sum(q["verifier"][k] for q in parts) for k in parts[0]["verifier"]}}
+        """Greedy held-out accuracy of the current policy (``agpo.learn.heldout``)."""
+        return evaluate_held_out(self, problems)
 
     # -- checkpoint state --------------------------------------------------------------
     def state_dict(self) -> dict:
