@@ -30,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ARMS = {  # name -> (label, agpo.train flags, --eval-every)
     "agpo": ("AGPO (probe G + train G)", ["--algo", "agpo", "--group-size", "8"], 10),
     "grpo16": ("GRPO, groups of 2G", ["--algo", "grpo", "--group-size", "16"], 10),
@@ -108,7 +110,9 @@ def read_run(d: Path) -> dict:
     curve = [(0, summary["accuracy_before"])]
     curve += [(r["tokens/generated_total"], r["eval/accuracy"]) for r in steps if "eval/accuracy" in r]
     curve.append((summary["tokens_generated"], summary["accuracy_after"]))
-    return {"summary": summary, "curve": curve, "steps": steps}
+    config = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
+    eps_base = (config.get("controller") or {}).get("eps_base")
+    return {"summary": summary, "curve": curve, "steps": steps, "eps_base": eps_base}
 
 
 def at_tokens(curve: list[tuple[int, float]], t: float) -> float:
@@ -143,13 +147,15 @@ def paired(diffs: list[float], rounds: int = 20000) -> dict:
     if n < 2:
         return {"n": n, "mean": mean, "lo": math.nan, "hi": math.nan, "p": math.nan}
     half = T95.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n)
-    rng = random.Random(0)
-    if n <= 14:  # every sign pattern
-        pats = [[(1 if (k >> i) & 1 else -1) for i in range(n)] for k in range(2 ** n)]
-    else:
-        pats = [[rng.choice((1, -1)) for _ in range(n)] for _ in range(rounds)]
-    extreme = sum(abs(sum(s * d for s, d in zip(p, diffs))) >= abs(sum(diffs)) - 1e-12 for p in pats)
-    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "p": extreme / len(pats)}
+    observed = abs(sum(diffs)) - 1e-12
+    if n <= 16:  # every sign pattern: the exact p
+        hits = sum(abs(sum(d if (k >> i) & 1 else -d for i, d in enumerate(diffs))) >= observed for k in range(2 ** n))
+        p = hits / 2 ** n
+    else:  # sampled patterns, the observed one counted (never p = 0)
+        rng = random.Random(0)
+        hits = sum(abs(sum(rng.choice((1, -1)) * d for d in diffs)) >= observed for _ in range(rounds))
+        p = (hits + 1) / (rounds + 1)
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "p": p}
 
 
 def mean_of(steps: list[dict], key: str) -> float:
@@ -177,6 +183,7 @@ def cmd_report(a) -> None:
                "accuracy": {str(p): statistics.mean(v) for p, v in acc.items()},
                "final_sd": statistics.stdev(acc[1.0]) if len(seeds) > 1 else math.nan,
                "collapses": sum(collapsed(by_seed[s]["curve"]) for s in seeds),
+               "eps_base": sorted({by_seed[s]["eps_base"] for s in seeds if by_seed[s]["eps_base"] is not None}),
                "controllers": {k: statistics.mean(mean_of(by_seed[s]["steps"], k) for s in seeds)
                                for k in ("eps/mean", "eps/sd", "tau/mean", "tau/sd", "loss/clip_frac",
                                          "loss/clip_frac_base", "loss/clip_changed", "kl/step", "policy/entropy",

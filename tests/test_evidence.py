@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_train import _designed_rewards, small_cfg, warm  # noqa: F401  (warm is a fixture)
 
-from agpo.algo.controllers import AGPOController, ControllerConfig
+from agpo.algo.controllers import AGPOController, ControllerConfig, adaptive_clip, entropy_ratio
 from agpo.algo.stats import group_advantages
 from agpo.config import ConfigError, config_from_args
 from agpo.learn.batches import SequenceBatch, concat_batches
@@ -83,6 +83,11 @@ def test_clip_step_on_a_subset_of_the_probe_groups():
     part = sub.clip_step([1.3, 1.3], groups=[1, 3])
     assert part[0].item() == pytest.approx(whole[1].item(), rel=1e-6)
     assert sub.h_count == 3
+    # group 3 after group 1 alone: H_ref = 0.01 * 1.3 + 0.99 * 1.0, and group 3's own probe statistics
+    probe = sub.probe
+    want = adaptive_clip(probe.sigma[3], probe.skew[3], probe.entropy[3], entropy_ratio(1.3, 1.003, cfg), 0.0, cfg)
+    assert part[1].item() == pytest.approx(want, rel=1e-6)
+    assert probe.sigma[3] != probe.sigma[1] or probe.entropy[3] != probe.entropy[1]  # a swap would show
     with pytest.raises(ValueError, match="groups"):
         _probed(cfg, rewards, answers).clip_step([1.0], groups=[7])
 
@@ -234,7 +239,7 @@ def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):  # no
     cfg.rollout.reward = _designed_rewards(probe_r + train_r)
     tr = Trainer(cfg, copy.deepcopy(model), tok, train)
     seen = {}
-    real_update, real_sample = tr.update, tr.engine.sample
+    real_update, real_sample, real_clip = tr.update, tr.engine.sample, tr.controller.clip_step
 
     def spy_update(batch, adv, eps, *a, **kw):
         seen.update(rows=batch.rows, adv=adv.clone(), eps=eps.clone(), temps=batch.temperature.clone())
@@ -244,6 +249,11 @@ def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):  # no
         seen.setdefault("phases", []).append((len(prompts), kw["group_size"]))
         return real_sample(prompts, tau, **kw)
 
+    def spy_clip(h, groups=None):
+        seen["groups"], seen["clip"] = groups, real_clip(h, groups=groups)
+        return seen["clip"]
+
+    monkeypatch.setattr(tr.controller, "clip_step", spy_clip)
     monkeypatch.setattr(tr, "update", spy_update)
     monkeypatch.setattr(tr.engine, "sample", spy_sample)
     m = tr.step()
@@ -252,9 +262,9 @@ def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):  # no
     want = reuse_advantages(tr.controller.advantages, torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.float64),
                             torch.tensor([[1.0, 0], [0, 1]], dtype=torch.float64))
     torch.testing.assert_close(seen["adv"], want)
-    eps = seen["eps"]
-    assert torch.equal(eps[:4], eps[:1].expand(4)) and torch.equal(eps[8:10], eps[:1].expand(2))
-    assert torch.equal(eps[4:8], eps[4:5].expand(4)) and torch.equal(eps[10:], eps[4:5].expand(2))
+    eps, (e1, e3) = seen["eps"], seen["clip"].tolist()
+    assert seen["groups"] == [1, 3]
+    assert eps.tolist() == pytest.approx([e1] * 4 + [e3] * 4 + [e1] * 2 + [e3] * 2)
     assert torch.all(seen["temps"][8:] == cfg.controller.tau_base)
     assert m["probe/skipped_frac"] == 0.5 and m["probe/zero_std_frac"] == 0.5
     assert m["tokens/generated_total"] == m["tokens/generated_probe"] + m["tokens/generated_train"]

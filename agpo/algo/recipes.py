@@ -61,13 +61,13 @@ RECIPES: dict[str, dict[str, dict]] = {
         "controller": {"vote_keys": "raw", "uncertainty_floor": 1e-8, "baseline_min": 0.0},
     },
 }
+"""Recipe name -> section -> field -> default value."""
 RECIPES["paper-example"] = {
     section: {**values, **{"rollout": {"group_size": 2, "prompts_per_step": 1},
                            "optim": {"update_epochs": 1},
                            "controller": {"tau_min": 0.6, "tau_max": 1.3}}.get(section, {})}
     for section, values in RECIPES["paper"].items()}
 RECIPES["paper-example"]["model"] = {"lora_dropout": 0.05}
-"""Recipe name -> section -> field -> default value."""
 
 PAPER_LORA = {"loss": {"beta": 0.0}}
 """What ``paper`` changes further under LoRA (``--lora-rank`` > 0): no reference KL."""

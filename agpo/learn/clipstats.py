@@ -51,6 +51,10 @@ class ClipTally:
         for k, v in zip(self.KEYS, counts, strict=True):
             s[k] += v
 
+    def drop(self, epoch: int) -> None:
+        """Forget an epoch whose optimiser step was not applied (a non-finite loss)."""
+        self.sums[epoch] = dict.fromkeys(self.KEYS, 0.0)
+
     def flat(self) -> dict[str, float]:
         """The sums as one flat dict (to all-reduce over ranks) ..."""
         return {f"clip{e}_{k}": v for e, s in enumerate(self.sums) for k, v in s.items()}

@@ -42,6 +42,7 @@ from agpo.runtime.metrics_log import MetricsLogger
 from agpo.runtime.preempt import Preemption, describe
 from agpo.scale.distributed import (
     DistEnv,
+    all_reduce_sum,
     broadcast_object,
     export_hf,
     init_distributed,
@@ -112,6 +113,11 @@ def training_problems(cfg: TrainConfig) -> tuple[list, list, str]:
     if overlap:
         line += " -- the held-out accuracy is partly training accuracy; pass a disjoint --eval-data-path"
     return train, test, line
+
+
+def _any_rank(env: DistEnv):
+    """A flag set on any rank, on every rank (one small all-reduce)."""
+    return lambda flag: all_reduce_sum({"flag": float(flag)}, env)["flag"] > 0
 
 
 def _seed_everything(seed: int) -> None:
@@ -214,7 +220,8 @@ def run(cfg: TrainConfig) -> dict:
             events["warmup"] = supervised_warmup(Policy(model, impl=cfg.loss.impl), tok, train_problems,
                                                  steps=w.sft_steps, batch_size=w.sft_batch_size, lr=w.sft_lr,
                                                  seed=cfg.run.seed, progress=cfg.run.progress and env.is_main,
-                                                 target_loss=w.sft_target_loss or None)
+                                                 target_loss=w.sft_target_loss or None,
+                                                 agree=_any_rank(env) if env.distributed else None)
             if env.is_main:
                 model.save_pretrained(str(ref_dir))
                 tok.save_pretrained(str(ref_dir))

@@ -52,10 +52,11 @@ TARGET_WINDOW = 20
 
 def supervised_warmup(policy: Policy, tokenizer, problems: list[Problem], *, steps: int, batch_size: int,
                       lr: float, seed: int = 0, progress: bool = True,
-                      target_loss: float | None = None) -> dict[str, float]:
+                      target_loss: float | None = None, agree=None) -> dict[str, float]:
     """AdamW steps of answer-token NLL on random batches of ``problems``: ``steps`` of them,
     or fewer when ``target_loss`` is given and the mean loss of the last ``TARGET_WINDOW``
-    steps falls to it first (``sft/reached_target`` says whether it did)."""
+    steps falls to it first (``sft/reached_target`` says whether it did). ``agree``: under
+    torchrun, a callable that makes every rank's stop decision the same (any rank's)."""
     from tqdm.auto import tqdm
 
     model = policy.model
@@ -78,8 +79,10 @@ def supervised_warmup(policy: Policy, tokenizer, problems: list[Problem], *, ste
         loss_v, done = float(loss.detach()), done + 1
         recent = (recent + [loss_v])[-TARGET_WINDOW:]
         bar.set_postfix(loss=f"{loss_v:.3f}", refresh=False)
-        if target_loss is not None and len(recent) == TARGET_WINDOW and sum(recent) / TARGET_WINDOW <= target_loss:
-            break
+        if target_loss is not None:
+            reached = len(recent) == TARGET_WINDOW and sum(recent) / TARGET_WINDOW <= target_loss
+            if agree(reached) if agree is not None else reached:
+                break
     bar.close()
     model.eval()
     mean = sum(recent) / len(recent) if recent else float("nan")

@@ -141,6 +141,7 @@ class Trainer:
         self.step_count = 0
         self.tokens_generated = 0
         self.last_step_tokens = 0
+        self.budget_lr: float | None = None  # the LR of the last optimiser step under --token-budget
         """Tokens generated (all ranks, probe included) by the last step: the budget's stop
         rule, and the schedule's clock during an update (``budget_lr``)."""
         self.chat = uses_chat_template(tokenizer)
@@ -310,10 +311,10 @@ class Trainer:
                     self._set_budget_lr(epoch)
                 self.optimizer.step()
                 self.weights_version += 1
-                if not cfg.run.token_budget:
-                    self.scheduler.step()
+                self.scheduler.step()  # under a budget only its count matters (resume without one)
             else:  # a non-finite step: nothing of it is applied (nor counted by the LR schedule)
                 skipped += 1
+                tally.drop(epoch)
                 self.optimizer.zero_grad(set_to_none=True)
             self.guard.record(applied)
             losses.append(epoch_loss)
@@ -333,7 +334,9 @@ class Trainer:
 
     def _lr(self) -> float:
         """The learning rate of the last optimiser step (under a token budget) or of the next."""
-        return self.optimizer.param_groups[0]["lr"] if self.cfg.run.token_budget else self.scheduler.get_last_lr()[0]
+        if self.cfg.run.token_budget and self.budget_lr is not None:
+            return self.budget_lr
+        return self.scheduler.get_last_lr()[0]
 
     def _set_budget_lr(self, epoch: int) -> None:
         """Each parameter group's LR for optimiser step ``epoch`` of this step, from the share
@@ -345,6 +348,7 @@ class Trainer:
         mult = budget_lr(spent, share, o.warmup_ratio, o.schedule, o.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * mult
+        self.budget_lr = self.optimizer.param_groups[0]["lr"]
 
     def budget_allows_step(self) -> bool:
         """Whether ``--token-budget`` (if any) leaves room for another step (``budget_allows``)."""
@@ -389,7 +393,8 @@ class Trainer:
         kept = keep[mine].nonzero().view(-1)  # this rank's prompts that get a train group
         train_problems = [problems[i] for i in kept.tolist()]
         train_prompts = [prompts[i] for i in kept.tolist()]
-        roll = self._sample(train_prompts, stop, tau[mine][kept], phase=1, first_prompt=mine.start)
+        # the train groups are numbered among the step's trained prompts: the same rows at any world size
+        roll = self._sample(train_prompts, stop, tau[mine][kept], phase=1, first_prompt=int(keep[:mine.start].sum()))
         self.engine.idle()  # no rollout before the update: a colocated engine frees its memory
         probe_tokens = probe.generated_tokens if probe is not None else 0
         self.last_step_tokens = int(all_reduce_sum({"t": float(probe_tokens + roll.generated_tokens)}, self.env)["t"])
@@ -467,7 +472,8 @@ class Trainer:
         m.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
                   "reward/accuracy": sum(q["correct"] for q in parts) / rewards.numel(),
                   "reward/zero_std_frac": float(zero_std.float().mean()),
-                  **_stats("eps", eps), **_stats("tau", tau), **self._clamp_shares(tau, eps), **ctl.metrics(),
+                  **_stats("eps", eps), **_stats("tau", tau[keep]), **self._clamp_shares(tau[keep], eps),
+                  **ctl.metrics(),
                   "policy/entropy": sum(q["entropy"] for q in parts) / max(scored, 1.0),
                   "response/length": float(lengths.mean()), "response/length_max": float(lengths.max()),
                   "tokens/generated_probe": probe_tokens, "tokens/generated_train": train_tokens,
