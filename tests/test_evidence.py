@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import _designed_rewards, small_cfg, warm  # noqa: F401  (warm is a fixture)
+from test_train_scale import argv_for, assert_rows_close, cfg_for, rows, torchrun
 
 from agpo.algo.controllers import AGPOController, ControllerConfig, adaptive_clip, entropy_ratio
 from agpo.algo.stats import group_advantages
@@ -282,6 +283,26 @@ def test_grpo_logs_step_kl_and_the_clip_per_epoch(warm):  # noqa: F811
     assert m["loss/clip_frac_first"] == 0.0  # old log-probs are this update's starting weights
     assert m["loss/clip_changed"] == 0.0  # eps is eps_base: no decision differs
     assert m["loss/clip_frac"] == m["loss/clip_frac_base"]
+
+
+SPLIT = f"{ROOT / 'tests/fixtures/designed_rewards.py'}:split"
+
+
+@pytest.mark.timeout(400)
+def test_filter_and_reuse_at_two_ranks_match_one_process(tmp_path):
+    """--probe-filter, --probe-reuse and --probe-size under torchrun: the kept groups' eps
+    slices, the rank-ordered gathers and the train groups' noise rows give the run of one
+    process (the designed reward skips some prompts, never all of a rank's)."""
+    over = dict(reward=SPLIT, probe_size=2, sft_steps=0, eval_size=0, save_every=0, beta=0.0)
+    flags = ["--probe-filter", "--probe-reuse"]
+    p = torchrun(argv_for(tmp_path / "ws2", **over) + flags)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    cfg = cfg_for(tmp_path / "ws1", **over)
+    cfg.rollout.probe_filter = cfg.rollout.probe_reuse = True
+    run(cfg)
+    a, b = rows(tmp_path / "ws2"), rows(tmp_path / "ws1")
+    assert any(r["probe/skipped_frac"] > 0 for r in b) and all(r["probe/skipped_frac"] < 1 for r in b)
+    assert_rows_close(a, b)
 
 
 # -- the experiment's script -----------------------------------------------------------------------
