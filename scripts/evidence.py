@@ -203,14 +203,18 @@ def cmd_report(a) -> None:
         plot(runs, Path(a.plot))
 
 
+def p_text(p: float) -> str:
+    return "p=n/a" if not math.isfinite(p) else "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
 def markdown(result: dict) -> str:
     pct = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
     lines = ["| arm | seeds | steps | tokens | before | " + " | ".join(f"{int(100 * p)}%" for p in POINTS)
              + " | final - GRPO-2G [95% CI], p | sd | collapses |", "|" + "---|" * (9 + len(POINTS) - 1)]
     for arm, r in result["arms"].items():
         vs = r.get("vs_control", {}).get("1.0")
-        diff = "(control)" if vs is None else f"{100 * vs['mean']:+.1f} [{100 * vs['lo']:+.1f}, {100 * vs['hi']:+.1f}], " \
-                                              f"p={vs['p']:.2f}"
+        diff = "(control)" if vs is None else \
+            f"{100 * vs['mean']:+.1f} [{100 * vs['lo']:+.1f}, {100 * vs['hi']:+.1f}], {p_text(vs['p'])}"
         lines.append(f"| {r['label']} | {len(r['seeds'])} | {r['steps_median']:.0f} | {r['tokens_median']:.0f} | "
                      f"{pct(r['before'])} | " + " | ".join(pct(r["accuracy"][str(p)]) for p in POINTS)
                      + f" | {diff} | {pct(r['final_sd'])} | {r['collapses']}/{len(r['seeds'])} |")
@@ -221,7 +225,7 @@ def markdown(result: dict) -> str:
         if "vs_control" in r:
             cells = [r["vs_control"][str(p)] for p in POINTS] + [r["vs_control"]["auc"]]
             lines.append(f"| {r['label']} | " + " | ".join(
-                f"{100 * c['mean']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] p={c['p']:.2f}" for c in cells) + " |")
+                f"{100 * c['mean']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] {p_text(c['p'])}" for c in cells) + " |")
     keys = (("eps/mean", "eps mean"), ("eps/sd", "eps sd"), ("tau/sd", "tau sd"), ("loss/clip_frac", "clipped"),
             ("loss/clip_changed", "changed vs eps_base"), ("kl/step", "kl/step"), ("policy/entropy", "entropy"),
             ("reward/zero_std_frac", "all-equal groups"), ("probe/skipped_frac", "skipped"))
@@ -260,7 +264,7 @@ def plot(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train every arm and seed that has not finished")
@@ -274,7 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     q = sub.add_parser("report", help="the table (markdown), report.json and the plot")
     q.add_argument("--out", default="runs/evidence")
     q.add_argument("--plot", default=None, help="write the plot here (PNG)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     cmd_run(a) if a.cmd == "run" else cmd_report(a)
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import warnings
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -63,3 +64,19 @@ def pytest_configure(config):
 
 
 warnings.simplefilter("default", UntestedVersionWarning)
+
+
+@pytest.fixture(scope="session")
+def warm():
+    """A tiny model after a short warm-up (some rewards are non-zero) and its problems, built
+    once for the session: tests that train take a ``copy.deepcopy`` of the model."""
+    from agpo.learn.policy import Policy
+    from agpo.learn.sft import supervised_warmup
+    from agpo.models import load_model_and_tokenizer
+    from agpo.tasks.data import load_problems
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer("tiny", seed=0)
+    train = load_problems(dataset="arith", split="train")
+    supervised_warmup(Policy(model), tok, train, steps=120, batch_size=64, lr=2e-3, progress=False)
+    return model, tok, train

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _designed_rewards, small_cfg, warm  # noqa: F401  (warm is a fixture)
+from test_train import _designed_rewards, small_cfg
 from test_train_scale import argv_for, assert_rows_close, cfg_for, rows, torchrun
 
 from agpo.algo.controllers import AGPOController, ControllerConfig, adaptive_clip, entropy_ratio
@@ -228,7 +228,7 @@ def test_reuse_advantages_pool_train_and_probe_rewards():
     assert adv.tolist() == pytest.approx(a0 + a1 + p0 + p1, rel=1e-9)
 
 
-def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):  # noqa: F811
+def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):
     """Designed rewards: probe groups 0 and 2 all equal -> skipped; groups 1 and 3 get a train
     group of 4 and join their 2 probe rows to it: the update sees 2 x (4 + 2) rows with the
     pooled advantages and each group's eps, and the probe's tokens are counted."""
@@ -272,7 +272,7 @@ def test_trainer_filters_on_the_probe_and_trains_on_it(warm, monkeypatch):  # no
     assert math.isfinite(m["kl/step"]) and math.isfinite(m["loss/clip_changed"])
 
 
-def test_grpo_logs_step_kl_and_the_clip_per_epoch(warm):  # noqa: F811
+def test_grpo_logs_step_kl_and_the_clip_per_epoch(warm):
     model, tok, train = warm
     cfg = small_cfg()
     cfg.controller.adaptive_clip = cfg.controller.adaptive_temp = False
@@ -347,3 +347,22 @@ def test_evidence_script_runs_scaled_down(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "GRPO, groups of 2G" in r.stdout and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_docs_quote_the_committed_evidence():
+    """docs/recipes.md holds the report's tables as `report` prints them from
+    docs/img/evidence.json, and the README's AGPO-vs-GRPO claim is that file's primary result."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    result = json.loads((ROOT / "docs" / "img" / "evidence.json").read_text())
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    for line in evidence.markdown(result).splitlines():
+        if line.startswith("| ") and not line.startswith("| arm"):
+            assert line in recipes, line
+    vs = result["arms"]["agpo"]["vs_control"]["1.0"]
+    readme = (ROOT / "README.md").read_text()
+    side = "below" if vs["mean"] < 0 else "above"
+    assert f"{abs(100 * vs['mean']):.1f} points {side}" in readme
+    assert f"{100 * vs['lo']:.1f} to {100 * vs['hi']:.1f}" in readme
+    assert "docs/img/evidence.png" in recipes and (ROOT / "docs" / "img" / "evidence.png").is_file()

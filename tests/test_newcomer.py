@@ -4,6 +4,7 @@ data, one-line errors before anything loads, and an installable package."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import json
@@ -60,6 +61,18 @@ def _parser(command: str):
 
 def _actions(parser) -> dict:
     return {s: a for a in parser._actions for s in a.option_strings}
+
+
+def _script_flags(name: str) -> set:
+    """The flags of ``scripts/<name>.py`` and of its sub-commands (the docs run it too)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    parser = importlib.import_module(name).build_parser()
+    flags = set(_actions(parser))
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= set(_actions(sub))
+    return flags
 
 
 def _enumerated(kind, name: str, tp) -> bool:
@@ -191,6 +204,7 @@ def test_every_flag_named_in_the_docs_exists():
     known = set(OTHER_TOOLS)
     for command in COMMANDS:
         known |= set(_actions(_parser(command)))
+    known |= _script_flags("evidence")
     bad = []
     for path in _doc_files():
         for m in re.finditer(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", path.read_text()):

@@ -27,16 +27,12 @@ import agpo.rollout.hf
 from agpo.config import ConfigError, TrainConfig, config_from_args
 from agpo.learn.launch import resolve_defaults, run
 from agpo.learn.packing import micro_batches
-from agpo.learn.policy import Policy
 from agpo.learn.schedule import lr_lambda
-from agpo.learn.sft import supervised_warmup
 from agpo.learn.trainer import TIME_KEYS, Trainer
-from agpo.models import load_model_and_tokenizer
 from agpo.rollout import RowTemperature, sample_groups
 from agpo.runtime import checkpoint as ckpt
 from agpo.runtime.guard import EXIT_PREEMPTED
 from agpo.runtime.metrics_log import read_metrics
-from agpo.tasks.data import load_problems
 from agpo.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +48,6 @@ def small_cfg(tmp_path=None, **run_kw) -> TrainConfig:
     for k, v in run_kw.items():
         setattr(cfg.run, k, v)
     return resolve_defaults(cfg)
-
-
-@pytest.fixture(scope="module")
-def warm():
-    """A tiny model after a short warm-up (some rewards are non-zero) and its problems."""
-    torch.manual_seed(0)
-    model, tok = load_model_and_tokenizer("tiny", seed=0)
-    train = load_problems(dataset="arith", split="train")
-    supervised_warmup(Policy(model), tok, train, steps=120, batch_size=64, lr=2e-3, progress=False)
-    return model, tok, train
 
 
 def test_row_temperature_divides_each_row():

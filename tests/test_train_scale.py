@@ -215,7 +215,7 @@ def test_lora_run_resumes_and_exports(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
     # the entropy bonus (FLAGS) gives the adapters a gradient whatever rewards the groups earn
-    full = cfg_for(tmp_path / "a", lora_rank=4, steps=2, beta=0.0, eval_size=0, sft_steps=300, lr=1e-3)
+    full = cfg_for(tmp_path / "a", lora_rank=4, steps=2, beta=0.0, eval_size=0, lr=1e-3)
     run(full)
     saved = FileSystemReader(str(tmp_path / "a" / "checkpoints" / "step-000002" / "weights"))
     keys = [k for k in saved.read_metadata().state_dict_metadata if k.startswith("model.")]
