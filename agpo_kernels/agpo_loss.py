@@ -15,7 +15,7 @@ from agpo_kernels.chunks import default_memory_budget
 from agpo_kernels.dispatch import engine, resolve_impl
 from agpo_kernels.epilogue import LossOptions
 from agpo_kernels.fused_loss import fused_agpo_loss
-from agpo_kernels.inputs import check_compute_dtype, check_head, fail, loss_rows, scalar
+from agpo_kernels.inputs import check_bias_values, check_compute_dtype, check_head, fail, loss_rows, scalar
 from agpo_kernels.partials import shard
 from agpo_kernels.precision import no_autocast, resolve_compute_dtype
 from agpo_kernels.recompute import linear_stats_recompute
@@ -33,14 +33,17 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               bias: torch.Tensor | None = None, impl: str = "auto", max_len: int | None = None,
               memory_budget: int | None = None, kl_ratio_weight: bool = False,
               is_weight: torch.Tensor | None = None, backward: str = "forward",
-              compute_dtype: torch.dtype | None = None, validate: bool = True, process_group=None):
+              compute_dtype: torch.dtype | None = None, validate: bool = True, process_group=None,
+              kl_clamp: float | None = None, count_empty_seqs: bool | None = None,
+              entropy_agg: str | None = None):
     """AGPO / GRPO clipped policy loss computed from hidden states.
 
     Args:
         hidden: ``[B, T, D]`` (padded) or ``[N, D]`` with ``cu_seqlens`` (packed); a strided
             view (e.g. the completion slice of a prompt+completion forward) is fine.
         weight: ``[V, D]`` LM-head weight (or this rank's ``[V / tp, D]`` shard, see
-            ``process_group``); ``bias``: optional ``[V]``.
+            ``process_group``); ``bias``: optional ``[V]``, ``-inf`` on a masked vocabulary
+            entry (absent from the softmax and the entropy, zero gradient).
         targets: token ids ``[B, T]`` or ``[N]``: the sampled response tokens.
         advantages: per-sequence ``[B]`` / ``[S]`` (a float broadcasts).
         old_logp: ``[B, T]`` / ``[N]`` log-probs of the behaviour policy (at the same
@@ -57,13 +60,22 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             equal to eps_low).
         temperature: a float or a per-sequence tensor; logits are divided by it.
         beta, kl_estimator: weight and estimator ("k1", "k2", "k3") of the reference KL;
-            ``kl_ratio_weight=True`` multiplies each token's KL by its importance ratio
-            (off-policy bias correction, TRL's ``use_bias_correction_kl``).
-        entropy_coef: weight of the entropy bonus; dual_clip: c > 1 caps the loss of
-            negative-advantage tokens at ``-c A`` (None: off).
+            ``kl_ratio_weight=True`` multiplies each token's KL by its importance ratio,
+            gradient through the ratio included (off-policy bias correction, as TRL's
+            ``use_bias_correction_kl``); ``kl_clamp=c`` clamps each token's KL to
+            ``[-c, c]`` with no gradient where it binds (verl's and OpenRLHF's k3 use
+            ``c = 10``; None, the default: unbounded).
+        entropy_coef: weight of the entropy bonus, aggregated like the loss (verl) unless
+            ``entropy_agg`` names another mode (TRL and OpenRLHF: "token-mean");
+            dual_clip: c > 1 caps the loss of negative-advantage tokens at ``-c A`` (None: off).
         loss_agg: "token-mean", "seq-mean-token-mean" or "seq-mean-token-sum-norm"
             (Dr. GRPO, normalised by ``max_len``: default the padded length, or the
             longest packed sequence).
+        count_empty_seqs: whether a sequence with no unmasked token counts in the
+            sequence divisor of the two ``seq-mean`` modes. None (default): each mode's
+            convention, False for ``seq-mean-token-mean`` (an empty sequence has no mean:
+            verl's ``agg_loss``, OpenRLHF) and True for ``seq-mean-token-sum-norm`` (its
+            divisor ``max_len * sequences`` is a constant by design: TRL's ``dr_grpo``).
         impl: "auto" (Triton on a CUDA device where it works, else torch), "torch",
             "triton" or "reference" (naive eager).
         backward: "forward" (default: gradients formed during the forward call, 6NDV; the
@@ -94,14 +106,21 @@ def agpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     check_compute_dtype(compute_dtype)
     if backward not in BACKWARDS:
         fail("backward", f"unknown {backward!r}; choose 'forward' or 'recompute'")
-    _, vocab = shard(process_group, weight.shape[0])
+    v_off, vocab = shard(process_group, weight.shape[0])
     rows = loss_rows(hidden, vocab, targets, advantages, old_logp, mask=mask, cu_seqlens=cu_seqlens,
                      eps_low=eps_low, eps_high=eps_high, temperature=temperature, ref_logp=ref_logp,
                      is_weight=is_weight, beta=beta, loss_agg=loss_agg, kl_estimator=kl_estimator,
-                     dual_clip=dual_clip, max_len=max_len, validate=validate)
+                     dual_clip=dual_clip, max_len=max_len, validate=validate,
+                     count_empty_seqs=count_empty_seqs, entropy_agg=entropy_agg)
+    if kl_clamp is not None and not scalar("kl_clamp", kl_clamp) > 0:
+        fail("kl_clamp", f"must be a float > 0 or None, got {kl_clamp}")
+    if validate:
+        projected = rows.targets if rows.index is None else rows.targets[rows.index]
+        check_bias_values(bias, projected, rows.index, rows.out_shape, v_off, process_group)
     opts = LossOptions(beta=float(beta), kl_estimator=kl_estimator, entropy_coef=scalar("entropy_coef", entropy_coef),
                        dual_clip=None if dual_clip is None else float(dual_clip),
-                       kl_ratio_weight=bool(kl_ratio_weight))
+                       kl_ratio_weight=bool(kl_ratio_weight),
+                       kl_clamp=None if kl_clamp is None else float(kl_clamp))
     impl = resolve_impl(impl, hidden.device)
     cd = resolve_compute_dtype(hidden, compute_dtype)
     if memory_budget is None:
@@ -164,13 +183,16 @@ class AGPOLoss(nn.Module):
                  loss_agg: str = "token-mean", temperature=1.0, impl: str = "auto",
                  max_len: int | None = None, memory_budget: int | None = None,
                  kl_ratio_weight: bool = False, backward: str = "forward",
-                 compute_dtype: torch.dtype | None = None, validate: bool = True, process_group=None):
+                 compute_dtype: torch.dtype | None = None, validate: bool = True, process_group=None,
+                 kl_clamp: float | None = None, count_empty_seqs: bool | None = None,
+                 entropy_agg: str | None = None):
         super().__init__()
         self.options = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl_estimator=kl_estimator,
                             entropy_coef=entropy_coef, dual_clip=dual_clip, loss_agg=loss_agg,
                             temperature=temperature, impl=impl, max_len=max_len,
                             memory_budget=memory_budget, kl_ratio_weight=kl_ratio_weight, backward=backward,
-                            compute_dtype=compute_dtype, validate=validate, process_group=process_group)
+                            compute_dtype=compute_dtype, validate=validate, process_group=process_group,
+                            kl_clamp=kl_clamp, count_empty_seqs=count_empty_seqs, entropy_agg=entropy_agg)
 
     def forward(self, hidden, weight, targets, advantages, old_logp=None, *, mask=None, cu_seqlens=None,
                 ref_logp=None, bias=None, is_weight=None, **overrides):

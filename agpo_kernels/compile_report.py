@@ -40,7 +40,7 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 # (the row kernel's 128-bit loads and stores need V % 16 == 0); a variant can drop D's.
 _DIVISIBLE = {"h_ptr", "w_ptr", "b_ptr", "y_ptr", "invt_ptr", "part_ptr", "lse_ptr", "mu_ptr",
               "glp_ptr", "gh_ptr", "dz_ptr", "x_ptr", "idx_ptr", "seq_ptr", "keep_ptr", "old_ptr", "ref_ptr",
-              "isw_ptr", "adv_ptr", "elo_ptr", "ehi_ptr", "w_ptr", "out_ptr", "D", "stride_h", "stride_w",
+              "isw_ptr", "adv_ptr", "elo_ptr", "ehi_ptr", "w_ptr", "wh_ptr", "out_ptr", "D", "stride_h", "stride_w",
               "stride_dz", "stride_x", "v_per_split", "V", "N", "M", "n_rows", "row0", "r_lo", "r_hi"}
 
 
@@ -62,15 +62,15 @@ def _signature(kind: str, dtype: torch.dtype) -> tuple[object, dict]:
     f32 = "*fp32"
     return _loss_rows_kernel, dict(x_ptr=f32, dz_ptr=p, b_ptr=f32, idx_ptr="*i64", y_ptr="*i64", seq_ptr="*i64",
                                    keep_ptr=f32, old_ptr=f32, ref_ptr=f32, isw_ptr=f32, adv_ptr=f32, elo_ptr=f32,
-                                   ehi_ptr=f32, w_ptr=f32, invt_ptr=f32, part_ptr=f32, out_ptr=f32, row0="i32",
+                                   ehi_ptr=f32, w_ptr=f32, wh_ptr=f32, invt_ptr=f32, part_ptr=f32, out_ptr=f32, row0="i32",
                                    n_rows="i32", V="i32", v_off="i32", M="i32", stride_x="i32", stride_dz="i32",
-                                   inv_t="fp32", beta="fp32", ent_coef="fp32", dual_c="fp32")
+                                   inv_t="fp32", beta="fp32", ent_coef="fp32", dual_c="fp32", kl_c="fp32")
 
 
 def _constants(kind: str, dtype: torch.dtype, cfg: dict, flags: dict) -> dict:
     if kind == "rows":
         const = dict(HAS_BIAS=True, SEQ_TEMP=True, HAS_INDEX=True, HAS_KEEP=False, HAS_OLD=True, HAS_REF=True,
-                     HAS_ISW=True, KL=3, KL_IN_LOSS=True, KL_RATIO=False, DUAL=True, MERGED=False,
+                     HAS_ISW=True, KL=3, KL_IN_LOSS=True, KL_RATIO=False, DUAL=True, KL_CLAMP=False, MERGED=False,
                      NEED_GRAD=True, RNE=False, **cfg)
     else:
         const = dict(HAS_BIAS=True, ROW_TEMP=True, EVEN_K=True, PRECISION=dot_precision(dtype), UPCAST=False,

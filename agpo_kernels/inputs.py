@@ -93,6 +93,38 @@ def check_finite(name: str, t: torch.Tensor, *, nonneg: bool = False, positive: 
         fail(name, "must be >= 0")
 
 
+def check_bias_values(bias: torch.Tensor | None, targets: torch.Tensor, positions: torch.Tensor | None,
+                      shape: tuple, v_off: int, process_group=None) -> None:
+    """Value check (syncs): ``bias`` may be ``-inf`` (a masked vocabulary entry: absent from
+    the softmax), never NaN or ``+inf``; no target may be a masked entry (its log-prob is
+    -inf: such a token cannot have been sampled). ``targets [N]`` are the projected rows'
+    full-vocabulary ids, ``positions [N]`` their flat positions in the caller's ``shape``
+    (None: row i is position i); ``v_off``: this rank's first id of a vocabulary-parallel
+    head, whose ranks agree on the verdict."""
+    if bias is None:
+        return
+    b = bias.detach()
+    if bool((torch.isnan(b) | (b == math.inf)).any()):
+        fail("bias", "contains NaN or +inf; only -inf is allowed (it masks a vocabulary entry)")
+    local = targets - v_off
+    bad = (local >= 0) & (local < b.numel())
+    bad &= torch.isneginf(b[local.clamp(0, b.numel() - 1)])
+    n_bad = bad.sum()
+    if process_group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(n_bad, group=process_group)
+    if int(n_bad) == 0:
+        return
+    if not bool(bad.any()):
+        fail("targets", f"{int(n_bad)} target id(s) are masked by a -inf bias on another rank's vocabulary "
+                        "shard; mask those positions or unmask the ids")
+    i = int(bad.nonzero()[0, 0])
+    pos = i if positions is None else int(positions[i])
+    where = tuple(int(k) for k in torch.unravel_index(torch.tensor(pos), shape)) if len(shape) > 1 else pos
+    fail("targets", f"position {where} has target id {int(targets[i])}, which the bias masks (-inf): "
+                    f"{int(n_bad)} such position(s); mask them out or unmask the id")
+
+
 def scalar(name: str, value, *, nonneg: bool = False) -> float:
     """``value`` as a finite float (``>= 0`` with ``nonneg``), or a ValueError naming ``name``."""
     try:
@@ -142,6 +174,7 @@ class LossRows:
     eps_high: torch.Tensor            # [S] fp32
     inv_t: torch.Tensor | float       # [S] fp32 or a float: 1 / temperature
     wseq: torch.Tensor                # [S] fp32 aggregation weight of each token of a sequence
+    wseq_ent: torch.Tensor            # [S] fp32 the same for the entropy bonus (wseq unless entropy_agg)
     n_tokens: torch.Tensor            # [] fp32 number of tokens that count
     out_shape: tuple                  # caller's token layout ([B, T] or [N])
 
@@ -158,7 +191,8 @@ class LossRows:
         s = self.seq[idx]
         return dict(targets=self.targets[idx], old=take(self.old), ref=take(self.ref), isw=take(self.isw),
                     keep=take(self.keep), adv=self.adv[s], eps_low=self.eps_low[s], eps_high=self.eps_high[s],
-                    weight=self.wseq[s], inv_t=self.inv_t[s] if isinstance(self.inv_t, torch.Tensor) else self.inv_t)
+                    weight=self.wseq[s], weight_ent=self.wseq_ent[s],
+                    inv_t=self.inv_t[s] if isinstance(self.inv_t, torch.Tensor) else self.inv_t)
 
 
 def _per_seq(name, value, num_seqs, device, validate, positive=False) -> torch.Tensor:
@@ -223,9 +257,26 @@ def _layout(hidden, targets, cu_seqlens, validate):
     return lens.numel(), (N,), seq, lens, lens.max()
 
 
+def agg_weights(mode: str, lens: torch.Tensor, n_tok: torch.Tensor, max_len, count_empty_seqs) -> torch.Tensor:
+    """``[S]`` weight of each counted token of each sequence under aggregation ``mode``
+    (docs/algorithm.md#loss-aggregation), from the counted tokens per sequence ``lens``,
+    their total ``n_tok`` and the Dr. GRPO length ``max_len``; no host sync. Sequences with
+    no counted token are in the sequence divisor if ``count_empty_seqs`` (None: only under
+    ``seq-mean-token-sum-norm``, whose divisor is a constant by design)."""
+    S = lens.numel()
+    if mode == "token-mean":
+        return (1.0 / n_tok.clamp(min=1.0)).expand(S).contiguous()
+    if count_empty_seqs is None:
+        count_empty_seqs = mode == "seq-mean-token-sum-norm"
+    n_seqs = float(S) if count_empty_seqs else (lens > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return 1.0 / (lens.clamp(min=1.0) * n_seqs)
+    return torch.ones(S, device=lens.device) / (max_len * n_seqs)
+
+
 def loss_rows(hidden, vocab, targets, advantages, old_logp, *, mask, cu_seqlens, eps_low, eps_high,
               temperature, ref_logp, is_weight, beta, loss_agg, kl_estimator, dual_clip, max_len,
-              validate) -> LossRows:
+              validate, count_empty_seqs: bool | None = None, entropy_agg: str | None = None) -> LossRows:
     """Checks every ``agpo_loss`` argument and returns the per-position form."""
     device = hidden.device
     if kl_estimator not in KL_ESTIMATORS:
@@ -234,11 +285,15 @@ def loss_rows(hidden, vocab, targets, advantages, old_logp, *, mask, cu_seqlens,
         fail("dual_clip", f"must be a float > 1 or None, got {dual_clip}")
     if loss_agg not in LOSS_AGGS:
         fail("loss_agg", f"unknown {loss_agg!r}; choose one of {', '.join(LOSS_AGGS)}")
+    if entropy_agg is not None and entropy_agg not in LOSS_AGGS:
+        fail("entropy_agg", f"unknown {entropy_agg!r}; choose None (as loss_agg) or one of {', '.join(LOSS_AGGS)}")
     beta = scalar("beta", beta, nonneg=True)
     if beta > 0 and ref_logp is None:
         fail("ref_logp", "beta > 0 needs reference log-probs (or set beta=0)")
     if max_len is not None and not max_len > 0:
         fail("max_len", f"must be > 0, got {max_len}")
+    if count_empty_seqs not in (None, True, False):
+        fail("count_empty_seqs", f"expected None (the mode's convention), True or False, got {count_empty_seqs!r}")
     num_seqs, tok_shape, seq, lens, full_len = _layout(hidden, targets, cu_seqlens, validate)
     M = math.prod(tok_shape)
     if M == 0 or num_seqs == 0:
@@ -283,17 +338,13 @@ def loss_rows(hidden, vocab, targets, advantages, old_logp, *, mask, cu_seqlens,
     if keepf is not None:
         lens = torch.zeros(num_seqs, device=device).index_add_(0, seq, keepf)
     n_tok = lens.sum()
-    if loss_agg == "token-mean":
-        wseq = (1.0 / n_tok.clamp(min=1.0)).expand(num_seqs).contiguous()
-    elif loss_agg == "seq-mean-token-mean":
-        wseq = 1.0 / (lens.clamp(min=1.0) * (lens > 0).sum().clamp(min=1))
-    else:
-        L = float(max_len) if max_len is not None else full_len
-        wseq = torch.ones(num_seqs, device=device) / (L * num_seqs)
+    L = float(max_len) if max_len is not None else full_len
+    wseq = agg_weights(loss_agg, lens, n_tok, L, count_empty_seqs)
+    wseq_ent = wseq if entropy_agg in (None, loss_agg) else agg_weights(entropy_agg, lens, n_tok, L, count_empty_seqs)
     n_rows = M if index is None else index.numel()
     return LossRows(hidden=hidden, index=index, n_rows=n_rows, targets=flat_y.long(), seq=seq, keep=keep,
                     old=old, ref=ref, isw=isw, adv=adv, eps_low=e_lo, eps_high=e_hi, inv_t=inv_t, wseq=wseq,
-                    n_tokens=n_tok, out_shape=tuple(tok_shape))
+                    wseq_ent=wseq_ent, n_tokens=n_tok, out_shape=tuple(tok_shape))
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from agpo_kernels.chunks import default_memory_budget
 from agpo_kernels.dispatch import engine, resolve_impl
 from agpo_kernels.inputs import (
+    check_bias_values,
     check_compute_dtype,
     check_head,
     fail,
@@ -38,7 +39,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             positions equal to ``ignore_index`` (default -100; None: no such id) are not
             projected at all: their ``logp`` and entropy are 0, with no gradient.
         mask: optional ``[...]``; 0 drops a position the same way.
-        bias: optional ``[V]`` LM-head bias.
+        bias: optional ``[V]`` LM-head bias; ``-inf`` masks a vocabulary entry (padded or
+            banned rows of the head): it is absent from the softmax, its gradient 0.
         temperature: a float > 0, or a tensor broadcastable to ``targets`` (per token, or
             ``[B, 1]`` per sequence).
         impl: "auto" (Triton on a CUDA device where it works, else "torch"), "torch",
@@ -57,9 +59,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     check_head(hidden, weight, bias)
     check_compute_dtype(compute_dtype)
-    _, vocab = shard(process_group, weight.shape[0])
+    v_off, vocab = shard(process_group, weight.shape[0])
     rows = logprob_rows(hidden, targets, mask=mask, ignore_index=ignore_index, temperature=temperature,
                         vocab=vocab, validate=validate)
+    if validate:
+        check_bias_values(bias, rows.targets, rows.index, rows.out_shape, v_off, process_group)
     impl = resolve_impl(impl, hidden.device)
     if impl == "reference" and process_group is not None:
         fail("process_group", "impl='reference' does not shard the vocabulary; use 'torch' or 'triton'")

@@ -18,6 +18,11 @@ import torch.distributed as dist
 
 from agpo_kernels.inputs import fail
 
+# The scaled logit of an absent column: a vocabulary entry masked by a ``-inf`` bias, or a
+# column past the end of a tile. Every engine raises its scaled logits to at least this, so
+# exp(z - m) is exactly 0 there while 0 * (z - m) stays 0, never 0 * -inf.
+ABSENT_LOGIT = -1.0e30
+
 
 def merge_partials(part: torch.Tensor):
     """``part [4, K, N]`` -> ``(lse, entropy, zy)``, each ``[N]`` fp32."""
@@ -26,7 +31,8 @@ def merge_partials(part: torch.Tensor):
     d = m - top
     scale = torch.exp(d)
     s_tot = (s * scale).sum(0)
-    a_tot = (scale * (a + d * s)).sum(0)
+    # scale * d before * s: a part with only absent columns has d ~ -1e30 and scale 0
+    a_tot = (scale * a + (scale * d) * s).sum(0)
     log_s = torch.log(s_tot)
     return top + log_s, log_s - a_tot / s_tot, zy.sum(0)
 

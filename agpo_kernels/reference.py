@@ -2,7 +2,9 @@
 
 It is what a trainer without fused kernels does, kept as the oracle the fast paths are
 compared with and as the "eager" baseline of the benchmarks. Logits are formed in the
-input dtype like any eager model head, then upcast to fp32 for the softmax.
+input dtype like any eager model head, then upcast to fp32 for the softmax. A ``-inf``
+bias column (a masked vocabulary entry) is absent: probability 0, no entropy term, zero
+gradient.
 """
 
 from __future__ import annotations
@@ -26,5 +28,7 @@ def linear_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
         z = z / temperature
     logprobs = torch.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    # A column masked by a -inf bias has p = 0 and log p = -inf: it adds nothing to the
+    # entropy, and the clamp keeps 0 * -inf (NaN, in the value and in its gradient) out.
+    entropy = -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
     return logp, entropy

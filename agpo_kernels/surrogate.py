@@ -52,9 +52,10 @@ def agpo_objective(logp, entropy, rows: dict, opts, n_tokens):
     ``rows``: per-row ``old``, ``ref``, ``isw``, ``keep``, ``adv``, ``eps_low``,
     ``eps_high``, ``weight`` (see ``LossRows.per_row``); ``opts``: ``epilogue.LossOptions``;
     ``n_tokens``: the number of tokens that count (metric denominators).
-    ``l_tok = -isw * surr + beta * kl - entropy_coef * H``; ``kl_ratio_weight``
-    multiplies the per-token KL by the importance ratio (DeepSeek-V3.2's off-policy
-    correction, TRL's ``use_bias_correction_kl``).
+    ``l_tok = -isw * surr + beta * kl - entropy_coef * H``; ``kl_clamp`` clamps the
+    per-token KL to ``[-c, c]``; ``kl_ratio_weight`` multiplies it by the importance ratio,
+    differentiated through (DeepSeek-V3.2's off-policy correction, TRL's
+    ``use_bias_correction_kl``: the ratio is not detached).
     """
     keep = rows["keep"]
     old, ref, isw = rows["old"], rows["ref"], rows["isw"]
@@ -70,14 +71,17 @@ def agpo_objective(logp, entropy, rows: dict, opts, n_tokens):
     kl = None
     if ref is not None:
         kl = kl_penalty(logp, ref, opts.kl_estimator)
+        if opts.kl_clamp is not None:  # verl's and OpenRLHF's +-10: no gradient where it binds
+            kl = kl.clamp(-opts.kl_clamp, opts.kl_clamp)
         if opts.kl_ratio_weight:
             kl = kl * ratio
         if opts.beta:
             l_tok = l_tok + opts.beta * kl
-    if opts.entropy_coef:
-        l_tok = l_tok - opts.entropy_coef * entropy
     w = rows["weight"] if keep is None else rows["weight"] * keep
     loss = (w * l_tok).sum()
+    if opts.entropy_coef:  # the bonus, aggregated by its own weight (entropy_agg)
+        w_h = rows["weight_ent"] if keep is None else rows["weight_ent"] * keep
+        loss = loss - opts.entropy_coef * (w_h * entropy).sum()
 
     n = n_tokens.clamp(min=1.0)
     with torch.no_grad():

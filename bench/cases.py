@@ -15,6 +15,13 @@ and one implementation:
   Liger's fused linear + per-token log-prob + differentiable entropy
   (``LigerFusedLinearScaledCrossEntropyFunction``, scalar temperature) with the same clipped
   surrogate and k3 KL computed on its O(N) outputs: the real rival of the fused head.
+
+``loss_fn(impl, per_row_t=True)``: the same case with the inputs' per-sequence temperatures
+``x["temp"]`` (fp32, in [0.6, 1.3]; every row of a sequence shares its value). agpo takes them
+in the kernel; Liger's log-prob op, which takes a scalar temperature only, gets them the way
+verl's fused heads do (verl PR #6110): ``h / T`` per row in fp32, cast back to the hidden's
+dtype, then temperature 1 (exact in real arithmetic, ``(h / T) W^T = (h W^T) / T`` without
+a bias; the cast rounds ``h / T`` to bf16).
 """
 
 from __future__ import annotations
@@ -70,7 +77,20 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) ->
     adv = torch.randn(B, generator=g).to(device)
     old = (-torch.rand(B, T, generator=g) * 5 - 8).to(device)
     ref = old + 0.05 * torch.randn(B, T, generator=g).to(device)
-    return dict(h=h, W=W, y=y, mask=mask, adv=adv, old=old, ref=ref)
+    temp = (0.6 + 0.7 * torch.rand(B, generator=g)).to(device)  # drawn last: the tensors above stay as they were
+    return dict(h=h, W=W, y=y, mask=mask, adv=adv, old=old, ref=ref, temp=temp)
+
+
+def per_row_temperature(x: dict) -> torch.Tensor:
+    """``[B * T]`` fp32: each row's temperature, its sequence's ``x["temp"]``."""
+    B, T = x["y"].shape
+    return x["temp"].float()[:, None].expand(B, T).reshape(-1)
+
+
+def scaled_hidden(h: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``h [N, D] / temperature[:, None]`` computed in fp32 and cast back to ``h``'s dtype:
+    a per-row temperature for a head that takes a scalar one (then run at temperature 1)."""
+    return (h.float() / temperature.float()[:, None]).to(h.dtype)
 
 
 def _liger_grpo():
@@ -84,9 +104,13 @@ def _liger_grpo():
         return LigerFusedLinearGRPOLoss(**kw)
 
 
-def loss_fn(impl: str, **loss_kw):
+def loss_fn(impl: str, *, per_row_t: bool = False, **loss_kw):
     """Returns ``f(inputs) -> scalar loss`` for one implementation (``loss_kw``: extra
-    ``agpo_loss`` keywords such as ``memory_budget``; ``backward`` overrides the name's)."""
+    ``agpo_loss`` keywords such as ``memory_budget``; ``backward`` overrides the name's).
+    ``per_row_t``: logits divided by the per-sequence temperatures ``x["temp"]`` (agpo and
+    ``liger-logprob`` only; see the module docstring)."""
+    if per_row_t and impl in ("liger", "liger-ce"):
+        raise ValueError(f"{impl}: no per-row temperature route")
     if impl == "liger":
         mod = _liger_grpo()
 
@@ -107,17 +131,20 @@ def loss_fn(impl: str, **loss_kw):
         from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
 
         def f(x):
-            D = x["h"].shape[-1]
-            nll, ent = LigerFusedLinearScaledCrossEntropyFunction.apply(
-                x["h"].reshape(-1, D), x["W"], x["y"].reshape(-1), 1.0, -100, 1, True)
+            h = x["h"].reshape(-1, x["h"].shape[-1])
+            if per_row_t:  # the op's temperature is a scalar: scale the rows, run at temperature 1
+                h = scaled_hidden(h, per_row_temperature(x))
+            nll, ent = LigerFusedLinearScaledCrossEntropyFunction.apply(h, x["W"], x["y"].reshape(-1), 1.0, -100, 1,
+                                                                        True)
             return surrogate_on_logprobs(-nll.view_as(x["old"]), x)
         return f
     our, backward = OURS[impl]
     kw = {"backward": backward, **loss_kw}
 
     def f(x):
+        temp = {"temperature": x["temp"]} if per_row_t else {}  # per sequence, in the kernel
         loss, _ = agpo_loss(x["h"], x["W"], x["y"], x["adv"], x["old"], mask=x["mask"], eps_low=EPS,
-                            ref_logp=x["ref"], beta=BETA, kl_estimator="k3", impl=our, **kw)
+                            ref_logp=x["ref"], beta=BETA, kl_estimator="k3", impl=our, **kw, **temp)
         return loss
     return f
 

@@ -6,6 +6,9 @@ For each shape (bf16): the device's own bf16 matmul rate on ``[N, D] x [D, V]``,
 forward + backward of: the forward-gradient design (its default budget, which on a GPU holds
 at least 1024 rows, and a 256 MiB budget), the recompute design, eager PyTorch, Liger's fused
 linear + log-prob + entropy op with the same surrogate on its outputs (the real rival),
+a per-row temperature pair (per-sequence temperatures in [0.6, 1.3]: the forward-gradient
+design takes them in the kernel; Liger's op, whose temperature is a scalar, gets them as
+verl's fused heads do, ``h / T`` per row in fp32 cast back to bf16, then temperature 1),
 Liger's fused linear cross-entropy (a floor for any chunked cuBLAS design) and Liger's GRPO
 loss (its 0.8.5 backward runs fp32 GEMMs: a slow reference, not a target). Each row: the
 median (p50) of up to ``--reps`` timed calls after a warm-up (fewer where a call is slow, so
@@ -32,17 +35,20 @@ import torch  # noqa: E402
 from cases import GPU_SHAPES, flops, loss_fn, make_inputs  # noqa: E402
 
 GiB = 2**30
-VARIANTS = [  # (label, impl in cases.py, agpo_loss keywords, use the Triton logits GEMM)
+VARIANTS = [  # (label, impl in cases.py, loss_fn keywords, use the Triton logits GEMM)
     ("forward", "triton", {}, False),
     ("forward, 256 MiB budget", "triton", {"memory_budget": 256 * 2**20}, False),
     ("forward, Triton logits GEMM", "triton", {}, True),
     ("recompute", "triton-recompute", {}, False),
     ("eager", "eager", {}, False),
     ("liger fused log-prob + entropy", "liger-logprob", {}, False),
+    ("forward, per-row T", "triton", {"per_row_t": True}, False),  # temperatures in the kernel
+    ("liger log-prob, per-row T as h / T", "liger-logprob", {"per_row_t": True}, False),
     ("liger fused linear CE", "liger-ce", {}, False),
     ("liger GRPO (fp32 backward)", "liger", {}, False),
 ]
 RIVAL = "liger fused log-prob + entropy"
+PER_ROW_T = ("forward, per-row T", "liger log-prob, per-row T as h / T")  # (ours, Liger's route)
 SECONDS_PER_VARIANT = 10.0
 
 
@@ -166,6 +172,11 @@ def table(res: dict) -> str:
                     if res.get("eager_for_memory", {}).get("extrapolated") else "")
             lines.append(f"extra memory at most 3% of eager's: {pct:.2f}% {'MET' if pct <= 3 else 'MISSED'}{note}")
         out += ["", "targets (forward-gradient design, default budget):"] + [f"- {x}" for x in lines]
+    ours, theirs = (res.get(k, {}) for k in PER_ROW_T)
+    if "ms" in ours and "ms" in theirs:
+        out += ["", f"per-row temperature (not a target): in the kernel {ours['ms']:.1f} ms, "
+                f"{ours['beyond_grads_mib']:.0f} MiB beyond grads; Liger with h / T {theirs['ms']:.1f} ms, "
+                f"{theirs['beyond_grads_mib']:.0f} MiB: {theirs['ms'] / ours['ms']:.2f}x its time"]
     return "\n".join(out)
 
 

@@ -81,7 +81,7 @@ PYTEST="python3 -m pytest -q -p no:cacheprovider"
 step "smoke: kernels on CUDA" 100 150 "$OUT/smoke.log" $PYTEST -x tests/test_gpu_readiness.py tests/test_loss_epilogue.py \
   tests/test_fused_loss.py -k "triton or readiness or in_place or strided"
 # 2. the head against its floor and its rivals (per-variant lines go to rest.log)
-step "head: fused vs 6NDV floor, eager, Liger" 220 300 "$REST" python3 bench/gpu_compare.py \
+step "head: fused vs 6NDV floor, eager, Liger" 250 300 "$REST" python3 bench/gpu_compare.py \
   ${AGPO_COMPARE_SHAPES:+--shapes "$AGPO_COMPARE_SHAPES"} --json "$OUT/compare.json"
 [ "$DRY" = 1 ] || python3 -c "
 import json, sys; sys.path.insert(0, 'bench')

@@ -25,11 +25,15 @@ def oracle_stats(hidden, weight, bias, targets, temperature):
 
 def oracle_loss(hidden, weight, targets, adv, old, mask, *, eps_low, eps_high, temperature,
                 ref=None, beta=0.0, kl="k3", ent_coef=0.0, dual_clip=None, agg="token-mean",
-                bias=None, max_len=None, kl_ratio_weight=False, is_weight=None):
+                bias=None, max_len=None, kl_ratio_weight=False, is_weight=None, kl_clamp=None,
+                count_empty=None, ent_agg=None):
     """Padded layout: hidden [B, T, D]; per-sequence adv/eps/temperature as [B] tensors.
 
     ``old`` None: on-policy (the current log-prob, detached); ``is_weight`` multiplies
-    the clipped surrogate term only."""
+    the clipped surrogate term only; ``kl_clamp`` bounds the per-token KL to [-c, c];
+    ``count_empty``: whether all-masked sequences count in the seq-mean divisors (None:
+    not for seq-mean-token-mean, yes for seq-mean-token-sum-norm); ``ent_agg``: how the
+    entropy bonus is aggregated (None: like the loss, ``agg``)."""
     B, T = targets.shape
     col = lambda v: (v if isinstance(v, torch.Tensor) else torch.full((B,), float(v))).double().reshape(B, 1)
     temp = col(temperature)
@@ -46,18 +50,23 @@ def oracle_loss(hidden, weight, targets, adv, old, mask, *, eps_low, eps_high, t
     if ref is not None:
         d = logp - ref.double()
         kl_t = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1}[kl]
+        if kl_clamp is not None:
+            kl_t = torch.clamp(kl_t, -kl_clamp, kl_clamp)
         if kl_ratio_weight:
             kl_t = kl_t * ratio
         l = l + beta * kl_t
-    l = l - ent_coef * ent
     m = mask.double()
-    if agg == "token-mean":
-        loss = (l * m).sum() / m.sum()
-    elif agg == "seq-mean-token-mean":
-        per = (l * m).sum(1) / m.sum(1).clamp(min=1)
-        loss = per[m.sum(1) > 0].mean()
-    else:
-        loss = (l * m).sum() / ((max_len or T) * B)
+    nonempty = max(int((m.sum(1) > 0).sum()), 1)
+
+    def aggregate(x, mode):
+        if mode == "token-mean":
+            return (x * m).sum() / m.sum()
+        if mode == "seq-mean-token-mean":
+            per = (x * m).sum(1) / m.sum(1).clamp(min=1)
+            return per.sum() / (B if count_empty else nonempty)
+        return (x * m).sum() / ((max_len or T) * (B if count_empty in (None, True) else nonempty))
+
+    loss = aggregate(l, agg) - ent_coef * aggregate(ent, ent_agg or agg)
     clipped = ((A > 0) & (ratio > 1 + hi)) | ((A < 0) & (ratio < 1 - lo))
     if dual_clip is not None:
         clipped = clipped | ((A < 0) & (torch.min(s1, s2) < dual_clip * A))

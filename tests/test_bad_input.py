@@ -104,3 +104,18 @@ def test_linear_logprobs_rejects():
         linear_logprobs(h, W, torch.zeros(4, dtype=torch.long), temperature=torch.tensor([1.0, 1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="^compute_dtype:"):
         linear_logprobs(h, W, torch.zeros(4, dtype=torch.long), compute_dtype=torch.float64)
+
+
+def test_vllm_head_dtype_is_checked():
+    """--vllm-head-dtype takes auto (the default), float32 or model; anything else is refused
+    on the command line and in a config file, naming the flag and its values."""
+    from agpo.config import RolloutConfig, TrainConfig, config_from_args
+    from agpo.errors import ConfigError
+
+    assert RolloutConfig().vllm_head_dtype == "auto"
+    for value in ("auto", "float32", "model"):
+        assert config_from_args(["--vllm-head-dtype", value]).rollout.vllm_head_dtype == value
+    with pytest.raises(ConfigError, match="--vllm-head-dtype.*auto.*float32.*model"):
+        config_from_args(["--vllm-head-dtype", "bf16"])
+    with pytest.raises(ConfigError, match="^--vllm-head-dtype: expected auto, float32 or model, got 'fp32'"):
+        TrainConfig.from_dict({"rollout": {"vllm_head_dtype": "fp32"}})

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
@@ -44,7 +46,7 @@ def test_gpu_suite_script_parses():
 def test_gpu_compare_table_and_targets():
     """The GPU comparison's arithmetic, on made-up figures (the script itself needs CUDA)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from gpu_compare import RIVAL, VARIANTS, table
+    from gpu_compare import PER_ROW_T, RIVAL, VARIANTS, table
 
     N, D, V = 8192, 5120, 152064
     six = 6.0 * N * D * V
@@ -64,6 +66,8 @@ def test_gpu_compare_table_and_targets():
     assert "6NDV at the matmul rate: 1.23x MET" in out
     assert "3% of eager's: 2.75% MET" in out
     assert "| eager | OOM |" in out
+    res[PER_ROW_T[1]] = dict(ms=80.0, peak_gib=2.5, beyond_grads_mib=1400.0, reps=30)
+    assert "in the kernel 100.0 ms, 500 MiB beyond grads; Liger with h / T 80.0 ms, 1400 MiB: 0.80x" in table(res)
     res["forward"]["ms"] = 70.0
     assert "same surrogate: 0.93x MISSED" in table(res)
 
@@ -85,6 +89,41 @@ def test_rival_objective_is_the_same_loss():
     g_theirs = torch.autograd.grad(theirs, (x["h"], x["W"]))
     assert torch.allclose(ours, theirs, rtol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_ours, g_theirs))
+
+
+@pytest.mark.parametrize("impl", ["eager", "torch", "triton", "liger-logprob"])
+def test_per_row_temperature_variants_use_the_temperatures(impl):
+    """The per-row temperature pair of bench/gpu_compare.py: agpo with ``x["temp"]`` in the
+    kernel and Liger's log-prob op fed ``h / T`` at temperature 1 both give the float64
+    oracle's loss and gradients at those temperatures, and not the temperature-1 loss."""
+    import torch
+    from cases import BETA, EPS, Shape, loss_fn, make_inputs
+    from gpu_compare import PER_ROW_T, VARIANTS
+    from oracle import oracle_loss
+    from tolerance import assert_close_scaled
+
+    if impl == "liger-logprob":
+        pytest.importorskip("liger_kernel")
+    kinds = {label: (case, kw) for label, case, kw, _ in VARIANTS}
+    assert kinds[PER_ROW_T[0]] == ("triton", {"per_row_t": True}) and kinds["forward"] == ("triton", {})
+    assert kinds[PER_ROW_T[1]] == ("liger-logprob", {"per_row_t": True})
+    D, V = 32, 101
+    x = make_inputs(Shape("t", D, V, 3, 7), torch.float32, "cpu", seed=5)
+    x["mask"][2, 5:] = False
+    assert x["temp"].dtype == torch.float32 and x["temp"].shape == (3,)
+    assert float(x["temp"].min()) >= 0.6 and float(x["temp"].max()) <= 1.3 and len(set(x["temp"].tolist())) == 3
+    want, _ = oracle_loss(x["h"], x["W"], x["y"], x["adv"], x["old"], x["mask"], eps_low=EPS, eps_high=EPS,
+                          temperature=x["temp"], ref=x["ref"], beta=BETA)
+    at_one, _ = oracle_loss(x["h"], x["W"], x["y"], x["adv"], x["old"], x["mask"], eps_low=EPS, eps_high=EPS,
+                            temperature=1.0, ref=x["ref"], beta=BETA)
+    g_want = torch.autograd.grad(want, (x["h"], x["W"]))
+    got = loss_fn(impl, per_row_t=True)(x)
+    g_got = torch.autograd.grad(got, (x["h"], x["W"]))
+    expected = dict(loss=want, dh=g_want[0], dW=g_want[1])
+    assert_close_scaled(dict(loss=got, dh=g_got[0], dW=g_got[1]), expected, dtype=torch.float32, n_reduce=D * V,
+                        what=f"{impl} per-row T: ")
+    want, at_one, got = float(want.detach()), float(at_one.detach()), float(got.detach())
+    assert abs(want - at_one) > 1e3 * abs(got - want), (want, at_one, got)
 
 
 def test_update_step_runs_on_a_small_model_and_solves_for_tokens(tmp_path):

@@ -26,7 +26,8 @@ def rel(a, b):
 
 
 def make_problem(B=3, T=7, D=24, V=101, dtype=torch.float32, bias=True, scale=1.0, seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    # seed None: a draw from the global generator, which conftest seeds per test by its name
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ())))
     h = (torch.randn(B, T, D, generator=g) * scale).to(DEVICE, dtype)
     W = (torch.randn(V, D, generator=g) / D**0.5).to(DEVICE, dtype)
     b = (torch.randn(V, generator=g) * 0.5).to(DEVICE, dtype) if bias else None
@@ -86,6 +87,10 @@ OPTION_SETS = [
     dict(agg="seq-mean-token-sum-norm", per_seq_eps=True, beta=0.03),
     dict(is_weight=True, beta=0.05, dual_clip=2.0, per_seq_eps=True),   # truncated importance sampling
     dict(on_policy=True, beta=0.05, ent_coef=0.01, agg="seq-mean-token-mean"),
+    dict(beta=0.5, kl="k3", kl_clamp=0.03),                      # binds on some tokens (k3 ~ d^2/2)
+    dict(beta=0.5, kl="k1", kl_clamp=0.2, kl_ratio_weight=True, per_seq_eps=True),
+    dict(agg="seq-mean-token-mean", ent_coef=0.05, ent_agg="token-mean", beta=0.1),   # TRL's entropy bonus
+    dict(agg="seq-mean-token-sum-norm", ent_coef=0.05, ent_agg="token-mean"),
 ]
 # Half the option sets run on the packed layout (alternating), all on both designs.
 LOSS_CASES = [(o, i % 2 == 1) for i, o in enumerate(OPTION_SETS)]
@@ -102,7 +107,8 @@ def run_loss(p, impl, opts, ins, *, packed=False, backward="forward", budget=Non
               ref_logp=p["ref"] if "beta" in opts else None, beta=opts.get("beta", 0.0),
               kl_estimator=opts.get("kl", "k3"), entropy_coef=opts.get("ent_coef", 0.0),
               dual_clip=opts.get("dual_clip"), loss_agg=opts.get("agg", "token-mean"),
-              kl_ratio_weight=opts.get("kl_ratio_weight", False), backward=backward, memory_budget=budget)
+              kl_ratio_weight=opts.get("kl_ratio_weight", False), backward=backward, memory_budget=budget,
+              kl_clamp=opts.get("kl_clamp"), entropy_agg=opts.get("ent_agg"))
     b = ins[2] if len(ins) == 3 else None
     if not packed:
         loss, m = agpo_loss(ins[0], ins[1], p["y"], p["adv"], old, mask=p["mask"], bias=b, impl=impl,
@@ -121,7 +127,8 @@ def run_loss(p, impl, opts, ins, *, packed=False, backward="forward", budget=Non
                               kl=kw["kl_estimator"], ent_coef=kw["entropy_coef"],
                               dual_clip=kw["dual_clip"], agg=kw["loss_agg"],
                               bias=o_ins[2] if b is not None else None,
-                              kl_ratio_weight=kw["kl_ratio_weight"])
+                              kl_ratio_weight=kw["kl_ratio_weight"], kl_clamp=kw["kl_clamp"],
+                              ent_agg=kw["entropy_agg"])
     return loss, m, o_loss, o_m, o_ins
 
 

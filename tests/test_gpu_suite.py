@@ -31,14 +31,54 @@ def test_suite_carries_only_small_wheels_and_says_how_to_call_it():
     assert "command: bash bench/gpu_suite.sh" in head
 
 
+def carried_size(root: Path) -> tuple[int, dict[str, int]]:
+    """Bytes of what a device call carries from ``root`` (tracked files and untracked ones
+    that git does not ignore), and those bytes per top-level entry."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, capture_output=True,
+                         check=True).stdout.decode()
+    per_top: dict[str, int] = {}
+    for name in filter(None, out.split("\0")):
+        f = root / name
+        if f.is_file():
+            top = name.split("/", 1)[0] + ("/" if "/" in name else "")
+            per_top[top] = per_top.get(top, 0) + f.stat().st_size
+    return sum(per_top.values()), per_top
+
+
+def check_fits(root: Path) -> None:
+    """Fails naming the largest folders, and the fix, when the tree and wheels pass 64 MiB."""
+    size, per_top = carried_size(root)
+    wheels = sum(f.stat().st_size for f in (root / ".whl").glob("*.whl")) if (root / ".whl").exists() else 0
+    if size + max(wheels, WHEEL_ALLOWANCE) < CARRY_LIMIT:
+        return
+    big = sorted(per_top.items(), key=lambda kv: -kv[1])[:3]
+    names = ", ".join(f"{k} ({v / 2**20:.1f} MiB)" for k, v in big)
+    raise AssertionError(f"the working tree carries {size / 2**20:.1f} MiB (+ wheels), over the 64 MiB a device call "
+                         f"may carry; largest: {names}. A virtual environment or data folder inside the checkout: "
+                         "move it out, or add it to .gitignore (.venv*/, venv/ and env/ are ignored already)")
+
+
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
 def test_working_tree_and_wheels_fit_in_one_call():
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                         check=True).stdout.decode()
-    files = [ROOT / f for f in out.split("\0") if f]
-    size = sum(f.stat().st_size for f in files if f.is_file())
-    wheels = sum(f.stat().st_size for f in (ROOT / ".whl").glob("*.whl")) if (ROOT / ".whl").exists() else 0
-    assert size + max(wheels, WHEEL_ALLOWANCE) < CARRY_LIMIT, (size, wheels)
+    check_fits(ROOT)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_venv_in_the_checkout_is_ignored_and_a_large_folder_is_named(tmp_path):
+    """The habit of ``python -m venv .venv`` inside the checkout must not break the suite;
+    any other large folder is named in the failure, with the fix."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    for venv in (".venv", ".venv-verl", "venv", "env"):
+        (tmp_path / venv / "lib").mkdir(parents=True)
+        with open(tmp_path / venv / "lib" / "torch.so", "wb") as f:  # sparse: no disk used
+            f.truncate(100 * 2**20)
+    check_fits(tmp_path)
+    (tmp_path / "my_data").mkdir()
+    with open(tmp_path / "my_data" / "big.bin", "wb") as f:
+        f.truncate(80 * 2**20)
+    with pytest.raises(AssertionError, match=r"largest: my_data/ \(80\.0 MiB\).*add it to \.gitignore"):
+        check_fits(tmp_path)
 
 
 def test_dry_run_writes_at_most_eight_files_one_folder_deep(tmp_path):

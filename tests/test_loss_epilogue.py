@@ -28,6 +28,9 @@ CASES = [
     dict(kl="k1", beta=0.3, kl_ratio=True, on_policy=True, dual=3.0, isw=True),
     dict(kl="k2", beta=0.1, validate=False, isw=True, agg="seq-mean-token-mean"),
     dict(validate=False, dual=2.0, ent=0.02, agg="seq-mean-token-sum-norm"),
+    dict(kl="k3", beta=0.5, kl_clamp=0.05, ent=0.03, ent_agg="token-mean", agg="seq-mean-token-mean"),
+    dict(kl="k1", beta=0.4, kl_clamp=0.3, kl_ratio=True, ent=0.02, ent_agg="token-mean",
+         agg="seq-mean-token-sum-norm", validate=False),
 ]
 
 
@@ -65,9 +68,10 @@ def make_case(c, seed=0, B=4, T=9, V=77):
                      ref_logp=ref if (c.get("beta") or c.get("ref")) else None,
                      is_weight=isw if c.get("isw") else None, beta=c.get("beta", 0.0),
                      loss_agg=c.get("agg", "token-mean"), kl_estimator=c.get("kl", "k3"),
-                     dual_clip=c.get("dual"), max_len=None, validate=c.get("validate", True))
+                     dual_clip=c.get("dual"), max_len=None, validate=c.get("validate", True),
+                     entropy_agg=c.get("ent_agg"))
     opts = LossOptions(beta=c.get("beta", 0.0), kl_estimator=c.get("kl", "k3"), entropy_coef=c.get("ent", 0.0),
-                       dual_clip=c.get("dual"), kl_ratio_weight=c.get("kl_ratio", False))
+                       dual_clip=c.get("dual"), kl_ratio_weight=c.get("kl_ratio", False), kl_clamp=c.get("kl_clamp"))
     pos = rows.index if rows.index is not None else torch.arange(B * T, device=DEVICE)
     return rows, opts, logits[pos].contiguous(), bias
 

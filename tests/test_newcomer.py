@@ -88,7 +88,7 @@ def _enumerated(kind, name: str, tp) -> bool:
 def test_every_enumerated_flag_lists_its_choices():
     """A field its section validates against a fixed set (probed with a value outside any set)
     has argparse choices, each of which the section accepts, and --help shows them."""
-    from agpo.config import _flag_name, _resolve
+    from agpo.config.cli import _flag_name, _resolve
 
     actions = _actions(build_parser())
     missing, wrong = [], []

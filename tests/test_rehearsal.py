@@ -49,7 +49,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agpo.config import _flag_name, config_from_args
+from agpo.config import config_from_args
+from agpo.config.cli import _flag_name
 from agpo.models import PRESET_DEFAULTS, PRESETS
 from doc_commands import DocCommand, ROOT, train_commands
 

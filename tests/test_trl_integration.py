@@ -106,25 +106,35 @@ def loss_and_grads(fn, trainer, batch):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("loss_type,beta,kl_fix", [("grpo", 0.0, False), ("bnpo", 0.04, False),
-                                                   ("dr_grpo", 0.0, False), ("dapo", 0.04, False),
-                                                   ("dapo", 0.2, True)])
-def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, loss_type, beta, kl_fix):
+@pytest.mark.parametrize("loss_type,beta,kl_fix,ent", [
+    ("grpo", 0.0, False, 0.0), ("bnpo", 0.04, False, 0.0), ("dr_grpo", 0.0, False, 0.0), ("dapo", 0.04, False, 0.0),
+    ("dapo", 0.2, True, 0.0),
+    # TRL's entropy bonus is a token mean whatever the loss type (agpo's default aggregates it like the loss)
+    ("grpo", 0.04, False, 0.05), ("dr_grpo", 0.0, False, 0.1), ("dapo", 0.04, False, 0.05),
+    # TRL's delta (two-sided clipping) is agpo's dual clip when delta > 1 + epsilon_high
+    ("grpo", 0.04, False, "delta"), ("dapo", 0.2, True, "delta")])
+def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, loss_type, beta, kl_fix, ent):
+    delta = dict(delta=1.3) if ent == "delta" else {}
+    ent = 0.0 if ent == "delta" else ent
     trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, loss_type=loss_type, beta=beta,
-                           use_bias_correction_kl=kl_fix)
+                           use_bias_correction_kl=kl_fix, entropy_coef=ent, **delta)
     assert trainer.agpo_fallback is None
     batch = make_batch(trainer)
     assert (beta > 0) == ("ref_per_token_logps" in batch)
     ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)
     theirs, g_trl = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)
     assert trainer._metrics["train"]["clip_ratio/region_mean"][0] > 0  # the clip is exercised
+    if delta:  # and the dual clip binds: some negative-advantage token's ratio is above delta
+        ratio = torch.exp(trainer.policy_token_stats(batch)[0] - batch["old_per_token_logps"])
+        neg = (batch["advantages"].view(-1, 1) < 0) & (batch["completion_mask"] > 0)
+        assert bool((ratio[neg] > delta["delta"]).any())
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert g_ours.keys() == g_trl.keys() and len(g_ours) > 0
     for name in g_trl:
         torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-6, msg=name)
     # The metrics TRL logs agree as well.
     m = trainer._metrics["train"]
-    for key in ["entropy", "clip_ratio/region_mean"] + (["kl"] if beta else []):
+    for key in ["entropy", "clip_ratio/region_mean"] + (["kl"] if beta else []) + (["policy_loss"] if ent else []):
         assert m[key][0] == pytest.approx(m[key][1], rel=1e-5, abs=1e-6), key
 
 
@@ -260,6 +270,18 @@ def test_unsupported_config_falls_back_to_trl(model_dir, tmp_path):
     ours = trainer.compute_loss(trainer.model, batch)
     theirs = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_delta_that_is_not_a_dual_clip_falls_back_and_a_per_sequence_eps_past_it_is_refused(model_dir, tmp_path):
+    with pytest.warns(UserWarning, match="delta <= 1 \\+ epsilon_high"):
+        low = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, delta=1.1, epsilon_high=0.2)
+    assert "delta" in low.agpo_fallback
+    trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, delta=1.3)
+    assert trainer.agpo_fallback is None
+    batch = make_batch(trainer)
+    batch["eps_high"] = torch.full((batch["advantages"].numel(),), 0.35)
+    with pytest.raises(ValueError, match="eps_high: a per-sequence value reaches delta - 1"):
+        trainer.agpo_compute_loss(trainer.model, batch)
 
 
 @pytest.mark.skipif(_controllers_missing() is not None,

@@ -29,7 +29,8 @@ from agpo.config import TrainConfig  # noqa: E402
 from agpo.learn.launch import resolve_defaults  # noqa: E402
 from agpo.learn.trainer import Trainer  # noqa: E402
 from agpo.models import load_model_and_tokenizer  # noqa: E402
-from agpo.rollout.vllm import SUPPORTED, VLLMUnavailable, check_vllm  # noqa: E402
+import agpo.rollout.vllm as vllm_engine  # noqa: E402
+from agpo.rollout.vllm import SUPPORTED, VLLMUnavailable, check_vllm, fp32_head_support  # noqa: E402
 from agpo.tasks.data import load_problems  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,3 +323,83 @@ def test_train_cli_torchrun_as_at_14b(tmp_path, lora):
     assert "eval_before" in res.stdout and "eval_after" in res.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["time/weight_sync"] > 0 for r in rows)
+
+
+# -- the LM head's precision (--vllm-head-dtype) ---------------------------------------------
+def bf16_trainer(tmp_path, head_dtype):
+    """A Trainer on the tiny preset in bfloat16 (policy and engine) with ``--vllm-head-dtype head_dtype``."""
+    cfg = tiny_cfg(tmp_path, vllm_head_dtype=head_dtype)
+    cfg.model.dtype = "bfloat16"
+    model, tok = load_model_and_tokenizer("tiny", seed=0, device=DEVICE, dtype=torch.bfloat16)
+    return Trainer(cfg, model, tok, load_problems(cfg.data, split="train"))
+
+
+def mismatch(tr, taus=(0.7, 1.0, 1.6)):
+    """|engine log-prob - trainer log-prob| of every sampled token, over a few temperatures."""
+    diffs = []
+    for tau in taus:
+        _, roll = engine_tokens(tr, PROMPTS, tau, n=8, group_size=4, seed=1)
+        logp, _ = tr.score(tr.policy, roll.batch)
+        diffs.append((roll.logprobs.double() - logp.double())[roll.batch.completion_mask.bool()].abs())
+    return torch.cat(diffs)
+
+
+def test_installed_vllm_supports_the_float32_head(full):
+    """vLLM 0.32 reads hf_overrides head_dtype (ModelConfig.head_dtype) and its
+    LogitsProcessor applies it to generation models, CPU backend included. A float32
+    engine computes its head in float32 without any override."""
+    assert fp32_head_support() is None
+    assert full.cfg.rollout.vllm_head_dtype == "auto" and full.engine.head_dtype == torch.float32
+    assert full.engine.llm.apply_model(vllm_engine._logits_dtypes) == [["float32"]]
+
+
+def test_float32_head_reaches_the_engine_and_matches_the_trainer_at_least_as_well(tmp_path):
+    """A bf16 engine with --vllm-head-dtype auto (the default: float32 here) and with
+    model (bf16 logits). The option reaches the engine: its logits processors compute in
+    the dtype asked for. The log-probs of the sampled tokens against the trainer's
+    (fp32-accumulated head): on the tiny model as it is, where the bf16 decoder's own
+    rounding differences dominate, the fp32 head is no worse (a loose margin: the two
+    engines sample different tokens); with the decoder layers' outputs zeroed (o_proj,
+    down_proj: the residual stream is the embedding, exact in bf16 on both sides), the
+    head is the only bf16 difference left, and the fp32 head agrees to fp32 rounding while
+    the bf16 head does not."""
+    trs = {hd: bf16_trainer(tmp_path / hd, hd) for hd in ("auto", "model")}
+    try:
+        fp32, bf16 = trs["auto"].engine, trs["model"].engine
+        assert fp32.head_dtype == torch.float32 and bf16.head_dtype == torch.bfloat16
+        assert fp32.llm.apply_model(vllm_engine._logits_dtypes) == [["float32"]]
+        assert bf16.llm.apply_model(vllm_engine._logits_dtypes) == [["bfloat16"]]
+        assert "LM head float32" in fp32.describe() and "LM head bfloat16" in bf16.describe()
+        full = {hd: mismatch(tr) for hd, tr in trs.items()}
+        assert full["auto"].mean() <= 1.25 * full["model"].mean(), {k: v.mean() for k, v in full.items()}
+        for tr in trs.values():
+            with torch.no_grad():
+                for layer in tr.model.model.layers:
+                    layer.self_attn.o_proj.weight.zero_()
+                    layer.mlp.down_proj.weight.zero_()
+            tr.weights_version += 1  # the engines sync the changed weights
+        head = {hd: mismatch(tr) for hd, tr in trs.items()}
+        assert head["auto"].max() < 1e-5, head["auto"].max()       # fp32 rounding only
+        assert head["auto"].mean() <= head["model"].mean(), {k: v.mean() for k, v in head.items()}
+    finally:
+        for tr in trs.values():
+            tr.close()
+
+
+def test_head_dtype_falls_back_or_refuses_where_unsupported(tmp_path, monkeypatch):
+    """Where the installed vLLM cannot compute the head in float32 (simulated: the check
+    reports a reason; the engine is the real one), auto keeps the engine's bf16 head with
+    one warning and says so in describe(); float32 is refused, naming the flag and the
+    fix, before an engine is built. A float32 engine needs no override either way."""
+    monkeypatch.setattr(vllm_engine, "fp32_head_support", lambda: "simulated: no head_dtype")
+    with pytest.warns(UserWarning, match="--vllm-head-dtype auto: .* bfloat16, not float32"):
+        tr = bf16_trainer(tmp_path / "auto", "auto")
+    try:
+        assert tr.engine.head_dtype == torch.bfloat16
+        assert tr.engine.llm.apply_model(vllm_engine._logits_dtypes) == [["bfloat16"]]
+        assert "LM head bfloat16 (float32 not supported by vLLM" in tr.engine.describe()
+    finally:
+        tr.close()
+    with pytest.raises(VLLMUnavailable, match="--vllm-head-dtype float32: .*--vllm-head-dtype auto or model"):
+        bf16_trainer(tmp_path / "float32", "float32")
+

@@ -5,7 +5,8 @@ This file is also the torchrun worker (``--worker OUTDIR``): both ranks build th
 problem, run ``agpo_loss`` (both designs, torch and Triton-interpreter engines, with the
 options that touch every per-row term) and ``linear_logprobs`` once with the full weight
 and once with their shard, and rank 0 writes the largest relative differences of loss,
-metrics, per-token outputs and gradients (``dh`` whole, ``dW``/``db`` the rank's rows).
+metrics, per-token outputs and gradients (``dh`` whole, ``dW``/``db`` the rank's rows), with
+a plain bias and with a masked vocabulary (``-inf`` bias over all of rank 1's shard).
 """
 
 from __future__ import annotations
@@ -42,13 +43,23 @@ def worker(out: Path) -> None:
     b = torch.randn(V, generator=g) * 0.5
     y = torch.randint(0, V, (B, T), generator=g)
     y[0, :3] = torch.tensor([0, V // 2 - 1, V // 2])  # targets at both shards' edges
+    b_plain, y_plain = b, y
     mask = torch.rand(B, T, generator=g) > 0.2
     adv, temp = torch.randn(B, generator=g), torch.rand(B, generator=g) + 0.5
     old = -torch.rand(B, T, generator=g) * 4 - 2
     ref, isw = old + 0.3 * torch.randn(B, T, generator=g), torch.rand(B, T, generator=g) * 2
     lo, hi = rank * (V // world), (rank + 1) * (V // world)
+    # A masked vocabulary (-inf bias): all of rank 1's shard and two of rank 0's columns, the
+    # targets moved into rank 0's unmasked columns. A shard with no unmasked column must
+    # merge to "absent", not NaN.
+    b_masked = b.clone()
+    b_masked[V // 2:] = float("-inf")
+    b_masked[[3, 20]] = float("-inf")
+    y_masked = y % (V // 2)
+    y_masked[(y_masked == 3) | (y_masked == 20)] += 1
     res = {}
-    for impl, backward in CASES:
+    for (impl, backward), masked in [(c, m) for c in CASES for m in (False, True)]:
+        b, y = (b_masked, y_masked) if masked else (b_plain, y_plain)
         outs = []
         for sharded in (False, True):
             leaves = [t.clone().requires_grad_() for t in (h, W[lo:hi] if sharded else W, b[lo:hi] if sharded else b)]
@@ -68,7 +79,9 @@ def worker(out: Path) -> None:
         full, part = outs
         for k in ("dw", "db", "ldw", "ldb"):  # a rank's shard of the weight gradient
             full[k] = full[k][lo:hi]
-        res[f"{impl}-{backward}"] = {k: _rel(part[k], full[k]) for k in full}
+        for k, v in part.items():
+            assert torch.isfinite(v).all(), (impl, backward, masked, k)
+        res[f"{impl}-{backward}" + ("-masked" if masked else "")] = {k: _rel(part[k], full[k]) for k in full}
     worst = torch.tensor([max(r.values()) for r in res.values()])
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -91,9 +104,10 @@ def result(tmp_path_factory):
     return json.loads((out / "result.json").read_text())
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["bias", "masked-vocab"])
 @pytest.mark.parametrize("impl,backward", CASES, ids=[f"{i}-{b}" for i, b in CASES])
-def test_sharded_head_equals_the_unsharded_one(result, impl, backward):
-    r = result[f"{impl}-{backward}"]
+def test_sharded_head_equals_the_unsharded_one(result, impl, backward, masked):
+    r = result[f"{impl}-{backward}" + ("-masked" if masked else "")]
     print(r)
     assert set(r) >= {"loss", "logp", "ent", "metrics", "dh", "dw", "db", "lp", "lent", "ldh", "ldw", "ldb"}
     for k, v in r.items():

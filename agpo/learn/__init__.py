@@ -4,6 +4,9 @@
 - ``packing``: padding-free micro-batches sized by real tokens.
 - ``policy``: the policy's scoring through the fused head (``agpo_kernels``).
 - ``trainer``: one AGPO / GRPO step: rollouts, rewards, controllers, the update.
+- ``phases``: the step's sampling phases: prompts, samples, rewards, the probe phase.
+- ``update``: scoring a rollout batch and the optimiser steps on it (micro-batched).
+- ``metrics``: the step's metric keys and per-group statistics.
 - ``probe``: the probe filter and probe reuse (``--probe-filter``, ``--probe-reuse``).
 - ``heldout``: the held-out evaluation during a run, through the engine or HF ``generate``.
 - ``clipstats``: what the clip did in an update (per epoch, and against a fixed eps).

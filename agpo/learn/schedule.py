@@ -1,6 +1,7 @@
 """Where a run is in its data and its learning-rate schedule: the shuffled prompt order
-(checkpointed, so a resumed run draws the same prompts) and the LR multiplier per
-optimiser step."""
+(checkpointed, so a resumed run draws the same prompts), the LR multiplier per
+optimiser step, and a run sized by ``--token-budget``: its LR clock and its stop rule
+(``TokenBudgetSchedule``, the trainer's part that applies them)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,33 @@ def budget_allows(spent: int, last_step: int, budget: int) -> bool:
     if spent >= budget:
         return False
     return spent + last_step / 2 <= budget
+
+
+class TokenBudgetSchedule:
+    """The learning rate of the trainer's optimiser steps (``optim/lr``), set from the share of
+    ``--token-budget`` generated when a run has one, and the budget's stop rule (a ``Trainer``
+    mixin: it uses the trainer's config, optimiser, scheduler, ``tokens_generated``,
+    ``last_step_tokens`` and ``budget_lr``)."""
+
+    def _lr(self) -> float:
+        """The learning rate of the last optimiser step (under a token budget) or of the next."""
+        if self.cfg.run.token_budget and self.budget_lr is not None:
+            return self.budget_lr
+        return self.scheduler.get_last_lr()[0]
+
+    def _set_budget_lr(self, epoch: int) -> None:
+        """Each parameter group's LR for optimiser step ``epoch`` of this step, from the share
+        of ``--token-budget`` generated when it starts (this step's tokens spread evenly over
+        its epochs)."""
+        o, budget, E = self.cfg.optim, self.cfg.run.token_budget, self.cfg.optim.update_epochs
+        share = self.last_step_tokens / E / budget
+        spent = self.tokens_generated / budget + epoch * share
+        mult = budget_lr(spent, share, o.warmup_ratio, o.schedule, o.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * mult
+        self.budget_lr = self.optimizer.param_groups[0]["lr"]
+
+    def budget_allows_step(self) -> bool:
+        """Whether ``--token-budget`` (if any) leaves room for another step (``budget_allows``)."""
+        budget = self.cfg.run.token_budget
+        return not budget or budget_allows(self.tokens_generated, self.last_step_tokens, budget)

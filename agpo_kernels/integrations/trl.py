@@ -9,18 +9,26 @@ gradients equal TRL's own (``_compute_loss``):
     TRL ``loss_type``  ->  agpo ``loss_agg`` (then TRL's scaling)
     "bnpo"            ->  "token-mean", / gradient_accumulation_steps
     "dapo"            ->  "token-mean" * tokens / (num_items_in_batch-based normaliser)
-    "grpo"            ->  "seq-mean-token-mean" (empty sequences counted, as TRL does)
+    "grpo"            ->  "seq-mean-token-mean" (count_empty_seqs=True, as TRL's mean)
     "dr_grpo"         ->  "seq-mean-token-sum-norm", max_len = max_completion_length
 
-``epsilon``/``epsilon_high`` -> ``eps_low``/``eps_high``, ``beta`` -> ``beta`` with
-``kl_estimator="k3"``, ``temperature`` -> ``temperature``, vLLM's importance-sampling
-correction (``importance_sampling_ratio``) -> ``is_weight``. Per-sequence ``eps_low``,
+TRL's static entropy bonus (``entropy_coef``) is a token mean whatever the loss type:
+``entropy_agg="token-mean"``.
+
+``delta`` (two-sided clipping: the ratio capped at ``delta`` in the unclipped branch)
+-> ``dual_clip=delta``, which it equals whenever ``delta > 1 + epsilon_high`` (both cap
+the loss of a negative-advantage token at ``-delta A`` with no gradient there, and leave
+every other token alone). ``epsilon``/``epsilon_high`` -> ``eps_low``/``eps_high``,
+``beta`` -> ``beta`` with ``kl_estimator="k3"``, ``temperature`` -> ``temperature``,
+vLLM's importance-sampling correction (``importance_sampling_ratio``) -> ``is_weight``.
+Per-sequence ``eps_low``,
 ``eps_high`` and ``temperature`` tensors ``[B]`` in the inputs dict override them (they
 travel through TRL's shuffle/split with the rest of the batch); old and reference
 log-probs in the batch must be at the same per-sequence temperature. Configurations the
 fused loss does not express (other loss types, sequence-level importance sampling,
-``delta``, off-policy masks, entropy masks/bonus, MoE aux loss, multimodal inputs, logit
-scaling/softcapping) fall back to TRL's own loss, with a warning at construction.
+``delta <= 1 + epsilon_high``, off-policy masks, entropy masks, the adaptive entropy
+bonus, MoE aux loss, multimodal inputs, logit scaling/softcapping) fall back to TRL's own
+loss, with a warning at construction.
 
 The loss runs inside the model's own forward (``add_hidden_forward``), where FSDP and
 ZeRO-3 have the LM head gathered, under the trainer's autocast: on-policy batches (no old
@@ -141,10 +149,11 @@ class AGPOGRPOTrainer(GRPOTrainer):
         checks = [
             (self.loss_type not in LOSS_AGG, f"loss_type={self.loss_type!r}"),
             (self.importance_sampling_level != "token", "importance_sampling_level='sequence'"),
-            (getattr(args, "delta", None) is not None, "delta (two-sided clipping)"),
+            (getattr(args, "delta", None) is not None and not args.delta > 1 + self.epsilon_high,
+             "delta <= 1 + epsilon_high (two-sided clipping that is not a dual clip)"),
             (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
             (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1"),
-            (getattr(self, "_entropy_bonus_enabled", False), "entropy bonus"),
+            (getattr(self, "use_adaptive_entropy", False), "adaptive entropy bonus"),
             (self.loss_type == "vespo", "loss_type='vespo'"),
             (self.aux_loss_enabled, "MoE router aux loss"),
             (getattr(cfg, "final_logit_softcapping", None) is not None, "final_logit_softcapping"),
@@ -192,38 +201,59 @@ class AGPOGRPOTrainer(GRPOTrainer):
         eps_low = _per_seq(inputs, "eps_low", self.epsilon_low)
         eps_high = _per_seq(inputs, "eps_high", self.epsilon_high)
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        dual = getattr(self.args, "delta", None)  # TRL's two-sided clipping, a dual clip when delta > 1 + eps_high
+        if dual is not None and torch.is_tensor(eps_high) and bool((eps_high >= dual - 1).any()):
+            raise ValueError(f"eps_high: a per-sequence value reaches delta - 1 = {dual - 1:g} (max "
+                             f"{float(eps_high.max()):g}); TRL's delta then differs from a dual clip: raise --delta "
+                             "or lower the clip controller's eps_max")
         isw = None  # vLLM rollouts: truncated importance weights on the surrogate term, as TRL
         if self.use_vllm and self.vllm_importance_sampling_correction:
             isw = inputs["importance_sampling_ratio"].float().expand_as(mask)  # [B, 1] for sequence modes
+
+        scale = self._scale(inputs, mask, mode)
+        # TRL's entropy bonus is a token mean over the micro-batch, / accumulation steps,
+        # whatever the loss type: entropy_agg="token-mean", its weight undoing `scale`.
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        ent_coef = self.entropy_coef / (accum * scale) if self._entropy_bonus() and scale > 0 else 0.0
 
         def loss_fn(hidden, weight, bias):
             return agpo_loss(
                 hidden, weight, targets, inputs["advantages"].reshape(-1).float(), old, mask=mask, bias=bias,
                 eps_low=eps_low, eps_high=eps_high, temperature=temperature, ref_logp=ref, beta=self.beta,
                 kl_estimator="k3", kl_ratio_weight=self._kl_bias_correction(), loss_agg=LOSS_AGG[self.loss_type],
-                max_len=self.max_completion_length, is_weight=isw, impl=self.agpo_impl, backward="forward")
+                count_empty_seqs=True, max_len=self.max_completion_length, is_weight=isw, dual_clip=dual,
+                entropy_coef=ent_coef, entropy_agg="token-mean", impl=self.agpo_impl, backward="forward")
 
         loss, metrics = self._run_head(model, inputs, loss_fn)
-        loss = self._rescale(loss, inputs, mask, mode)
+        loss = loss * scale
         self._log_agpo_metrics(metrics, old, ref, mask, inputs["advantages"], eps_low, eps_high, mode)
+        if self._entropy_bonus():  # what TRL logs with a bonus: the loss without it, and the coefficient
+            m = mask.float()
+            bonus = self.entropy_coef * (metrics["entropy"] * m).sum() / m.sum().clamp(min=1.0) / accum
+            policy = (loss.detach() + bonus) * (1.0 if self.loss_type == "dapo" else accum)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         return loss
+
+    def _entropy_bonus(self) -> bool:
+        """TRL's static entropy bonus (``entropy_coef != 0``; the adaptive one falls back)."""
+        return bool(getattr(self, "_entropy_bonus_enabled", False))
 
     def _kl_bias_correction(self) -> bool:
         """TRL's ``use_bias_correction_kl``: the k3 KL weighted by the importance ratio."""
         return bool(getattr(self.args, "use_bias_correction_kl", False))
 
-    def _rescale(self, loss, inputs, mask, mode):
-        """TRL's normalisation on top of the agpo aggregation."""
+    def _scale(self, inputs, mask, mode) -> float:
+        """TRL's normalisation on top of the agpo aggregation (empty sequences counted in
+        the sequence means, as TRL's ``grpo`` and ``dr_grpo`` do): a float."""
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type == "grpo":  # TRL's seq mean counts empty sequences too
-            nonempty = int((mask.sum(-1) > 0).sum())
-            return loss * (nonempty / mask.size(0)) / accum
         if self.loss_type == "dapo":
             normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            return loss * mask.sum() / normaliser
-        return loss / accum
+            return float(mask.sum() / normaliser)
+        return 1.0 / accum
 
     def _log_agpo_metrics(self, metrics, old, ref, mask, advantages, eps_low, eps_high, mode):
         """The metrics TRL logs for the clipped losses: entropy, kl, clip ratios."""

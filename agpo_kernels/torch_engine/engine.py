@@ -96,7 +96,8 @@ def loss_chunk(x, e, rows, r0, r1, opts, bias32, v_off, process_group, out, need
     keep = take(rows.keep)
     loss, g_lp, g_h, clipped, ratio, kl = agpo_epilogue(
         logp, ent, old=take(rows.old), ref=take(rows.ref), isw=take(rows.isw), adv=rows.adv[seq],
-        eps_low=rows.eps_low[seq], eps_high=rows.eps_high[seq], weight=rows.wseq[seq], keep=keep, opts=opts)
+        eps_low=rows.eps_low[seq], eps_high=rows.eps_high[seq], weight=rows.wseq[seq],
+        weight_ent=rows.wseq_ent[seq], keep=keep, opts=opts)
     if keep is not None:
         kept = keep != 0
         logp, ent = torch.where(kept, logp, 0.0), torch.where(kept, ent, 0.0)

@@ -1,6 +1,7 @@
 """Row passes of the tiled PyTorch path over a chunk's fp32 logits ``x [c, V]``.
 
-* ``prepare_``: bias and ``1/T`` applied in place: ``x`` becomes ``z``.
+* ``prepare_``: bias and ``1/T`` applied in place: ``x`` becomes ``z`` (a column masked
+  by a ``-inf`` bias becomes ``ABSENT_LOGIT``: probability exactly 0, finite products).
 * ``stats_``: per-row partial statistics (see ``partials.py``); ``x`` becomes ``z - m``
   and the second buffer ``e`` holds ``exp(z - m)``.
 * ``grad_``: ``dL/dlogits = (g_lp (1[j = y] - p_j) - g_H p_j (z_j - mu)) / T`` in place.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from agpo_kernels.partials import ABSENT_LOGIT
+
 
 def prepare_(x: torch.Tensor, bias32: torch.Tensor | None, inv_t) -> torch.Tensor:
     if bias32 is not None:
@@ -22,6 +25,8 @@ def prepare_(x: torch.Tensor, bias32: torch.Tensor | None, inv_t) -> torch.Tenso
         x *= inv_t.unsqueeze(1)
     elif inv_t != 1.0:
         x *= inv_t
+    if bias32 is not None:  # a -inf bias masks its column: absent, not NaN (partials.ABSENT_LOGIT)
+        x.clamp_(min=ABSENT_LOGIT)
     return x
 
 

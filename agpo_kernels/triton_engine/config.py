@@ -12,7 +12,9 @@ import os
 import torch
 import triton.language as tl
 
-NEG_BIG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps 0 * x finite
+from agpo_kernels.partials import ABSENT_LOGIT
+
+NEG_BIG = tl.constexpr(ABSENT_LOGIT)  # "minus infinity" that keeps 0 * x finite
 
 # (arch, kind) -> config for 16-bit inputs. 128x128 output tiles: on sm_90 two warpgroups
 # of wgmma m64n128k16; BLOCK_K 64 keeps a 32 KB stage. The forward keeps 3 stages: its

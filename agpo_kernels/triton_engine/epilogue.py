@@ -16,10 +16,10 @@ import triton.language as tl
 def agpo_epilogue(
     logp, ent,                  # fp32 row statistics
     old, ref, isw,              # fp32 (read only when HAS_OLD / HAS_REF / HAS_ISW)
-    adv, e_lo, e_hi, w,         # fp32 advantage, clip range, aggregation weight
-    beta, ent_coef, dual_c,     # fp32 runtime scalars
+    adv, e_lo, e_hi, w, w_h,    # fp32 advantage, clip range, aggregation weights (loss, entropy bonus)
+    beta, ent_coef, dual_c, kl_c,  # fp32 runtime scalars
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ISW: tl.constexpr, KL: tl.constexpr,
-    KL_IN_LOSS: tl.constexpr, KL_RATIO: tl.constexpr, DUAL: tl.constexpr,
+    KL_IN_LOSS: tl.constexpr, KL_RATIO: tl.constexpr, DUAL: tl.constexpr, KL_CLAMP: tl.constexpr,
 ):
     if HAS_OLD:
         ratio = tl.exp(logp - old)
@@ -52,12 +52,15 @@ def agpo_epilogue(
             e = tl.exp(-d)
             kl = e + d - 1.0
             dkl = 1.0 - e
+        if KL_CLAMP:
+            cut = tl.abs(kl) > kl_c
+            kl = tl.minimum(tl.maximum(kl, -kl_c), kl_c)
+            dkl = tl.where(cut, 0.0, dkl)
         if KL_RATIO:
             dkl = (dkl + kl) * ratio
             kl = kl * ratio
         if KL_IN_LOSS:
             loss = loss + beta * kl
             g_lp = g_lp + beta * dkl
-    loss = loss - ent_coef * ent
-    g_h = logp * 0.0 - ent_coef
-    return w * loss, w * g_lp, w * g_h, clipped.to(tl.float32), ratio, kl
+    g_h = -ent_coef * w_h
+    return w * loss + g_h * ent, w * g_lp, g_h, clipped.to(tl.float32), ratio, kl

@@ -49,6 +49,8 @@ def _row_stats(x_rows, b_ptr, V, y, it, row_ok, HAS_BIAS: tl.constexpr, BLOCK_R:
         if HAS_BIAS:
             x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], x * it[:, None], NEG_BIG)
+        if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG), never -inf
+            z = tl.maximum(z, NEG_BIG)
         m, s, a, zy = online_softmax_step(m, s, a, zy, z, cols, col_ok, y)
     return m, s, a, zy
 
@@ -104,16 +106,16 @@ def _loss_rows_kernel(
     old_ptr,      # [M] fp32 behaviour log-probs (if HAS_OLD)
     ref_ptr,      # [M] fp32 reference log-probs (if HAS_REF)
     isw_ptr,      # [M] fp32 importance weights (if HAS_ISW)
-    adv_ptr, elo_ptr, ehi_ptr, w_ptr,  # [S] fp32 advantage, eps_low, eps_high, aggregation weight
+    adv_ptr, elo_ptr, ehi_ptr, w_ptr, wh_ptr,  # [S] fp32 advantage, eps_low, eps_high, weights (loss, entropy)
     invt_ptr,     # [S] fp32 1/temperature (if SEQ_TEMP)
     part_ptr,     # [3, C] fp32 merged (lse, H, zy) (read if MERGED)
     out_ptr,      # [6, M] fp32 out: loss, logp, H, clipped, ratio, kl per position
     row0,         # first projected row of the chunk
     n_rows, V, v_off, M, stride_x, stride_dz,
-    inv_t, beta, ent_coef, dual_c,
+    inv_t, beta, ent_coef, dual_c, kl_c,
     HAS_BIAS: tl.constexpr, SEQ_TEMP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_KEEP: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ISW: tl.constexpr, KL: tl.constexpr,
-    KL_IN_LOSS: tl.constexpr, KL_RATIO: tl.constexpr, DUAL: tl.constexpr,
+    KL_IN_LOSS: tl.constexpr, KL_RATIO: tl.constexpr, DUAL: tl.constexpr, KL_CLAMP: tl.constexpr,
     MERGED: tl.constexpr, NEED_GRAD: tl.constexpr, RNE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -148,8 +150,9 @@ def _loss_rows_kernel(
     loss, g_lp, g_h, clipped, ratio, kl = agpo_epilogue(
         logp, ent, old, ref, isw, tl.load(adv_ptr + sq, mask=row_ok, other=0.0),
         tl.load(elo_ptr + sq, mask=row_ok, other=0.0), tl.load(ehi_ptr + sq, mask=row_ok, other=0.0),
-        tl.load(w_ptr + sq, mask=row_ok, other=0.0), beta, ent_coef, dual_c,
-        HAS_OLD, HAS_REF, HAS_ISW, KL, KL_IN_LOSS, KL_RATIO, DUAL)
+        tl.load(w_ptr + sq, mask=row_ok, other=0.0), tl.load(wh_ptr + sq, mask=row_ok, other=0.0),
+        beta, ent_coef, dual_c, kl_c,
+        HAS_OLD, HAS_REF, HAS_ISW, KL, KL_IN_LOSS, KL_RATIO, DUAL, KL_CLAMP)
     logp_o = logp
     ent_o = ent
     if HAS_KEEP:  # projected but masked: zeros, whatever the row holds
@@ -181,6 +184,8 @@ def _loss_rows_kernel(
             if HAS_BIAS:
                 x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             z = tl.where(col_ok[None, :], x * it[:, None], NEG_BIG)  # p = 0 past V
+            if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG), never -inf
+                z = tl.maximum(z, NEG_BIG)
             p = tl.exp(z - lse[:, None])
             dz = -p * (g_lp[:, None] + g_h[:, None] * (z - mu[:, None]))
             dz += tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)
@@ -219,22 +224,23 @@ def loss_rows_triton(x, rows, r0: int, r1: int, opts, bias, v_off: int, process_
     args = [x, dz, bias if bias is not None else dummy, rows.index if rows.index is not None else dummy,
             rows.targets, rows.seq, rows.keep if rows.keep is not None else dummy,
             rows.old if rows.old is not None else dummy, rows.ref if rows.ref is not None else dummy,
-            rows.isw if rows.isw is not None else dummy, rows.adv, rows.eps_low, rows.eps_high, rows.wseq,
+            rows.isw if rows.isw is not None else dummy, rows.adv, rows.eps_low, rows.eps_high, rows.wseq, rows.wseq_ent,
             rows.inv_t if seq_temp else dummy]
     scalars = [r0, n, V, v_off, out.shape[1], x.stride(0), dz.stride(0),
                1.0 if seq_temp else float(rows.inv_t), float(opts.beta), float(opts.entropy_coef),
-               float(opts.dual_clip or 0.0)]
+               float(opts.dual_clip or 0.0), float(opts.kl_clamp or 0.0)]
     flags = dict(HAS_BIAS=bias is not None, SEQ_TEMP=seq_temp, HAS_INDEX=rows.index is not None,
                  HAS_KEEP=rows.keep is not None, HAS_OLD=rows.old is not None, HAS_REF=rows.ref is not None,
                  HAS_ISW=rows.isw is not None, KL=opts.kl_code, KL_IN_LOSS=bool(opts.beta),
-                 KL_RATIO=bool(opts.kl_ratio_weight), DUAL=opts.dual_clip is not None, NEED_GRAD=need_grad,
+                 KL_RATIO=bool(opts.kl_ratio_weight), DUAL=opts.dual_clip is not None,
+                 KL_CLAMP=opts.kl_clamp is not None, NEED_GRAD=need_grad,
                  RNE=round_bf16_stores(dtype), **cfg)
     grid = (triton.cdiv(n, cfg["BLOCK_R"]),)
     if process_group is None:
         _loss_rows_kernel[grid](*args, out, out, *scalars, MERGED=False, **flags)  # part_ptr unused
         return dz
     part = torch.empty(4, n, dtype=torch.float32, device=x.device)
-    _row_partials_kernel[grid](x, args[2], args[3], rows.targets, rows.seq, args[14], part, r0, n, V, v_off,
+    _row_partials_kernel[grid](x, args[2], args[3], rows.targets, rows.seq, args[15], part, r0, n, V, v_off,
                                x.stride(0), scalars[7], HAS_BIAS=bias is not None, SEQ_TEMP=seq_temp,
                                HAS_INDEX=rows.index is not None, **cfg)
     lse, ent, zy = merge_partials(gather_partials(part.unsqueeze(1), process_group))

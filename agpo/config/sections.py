@@ -1,38 +1,25 @@
-"""Run configuration: keyword-only dataclasses, a YAML file and the command line.
-
-``TrainConfig`` holds one section per concern (model, data, rollout, optim, loss,
-controller, warmup, run, guard). Every field is a flag of ``python -m agpo.train`` with the field
-name in kebab case (``group_size`` -> ``--group-size``; booleans get ``--x/--no-x``); the
-names are unique across sections so no flag needs a prefix. ``--config file.yaml`` loads
-a nested mapping (``{optim: {lr: 1e-4}, rollout: {group_size: 8}}``) and flags given on
-the command line override it. ``--algo grpo`` switches both controllers off (plain GRPO,
-no probe); ``--adaptive-clip`` / ``--adaptive-temp`` given explicitly win over ``--algo``,
-which gives the paper's ablations (either controller alone).
+"""The run configuration's sections: keyword-only dataclasses, one per concern, each field
+with its docstring (the ``--help`` text of its flag) and checks in ``__post_init__``, and
+``TrainConfig``, which holds them and round-trips through YAML.
 
 Defaults are those of the embedded run (the tiny preset on the ``a+b=`` task, learning on
-a 2-core CPU in minutes); ``resolve_defaults`` fills what depends on the model (warm-up,
+a 2-core CPU in minutes); ``agpo.learn.launch.resolve_defaults`` fills what depends on the model (warm-up,
 completion length, micro-batch size).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from agpo.algo.controllers import ENTROPY_TEMPERATURES, ControllerConfig
-from agpo.algo.recipes import RECIPES, apply_recipe
-from agpo.algo.stats import DISPERSIONS, VOTE_KEYS
+from agpo.algo.controllers import ControllerConfig
+from agpo.algo.recipes import apply_recipe
 from agpo.errors import ConfigError
 from agpo.models import DTYPES, apply_preset_defaults
-from agpo.runtime.guard import REWARD_ERRORS, GuardConfig
-from agpo.tasks.data import DataConfig, task_options
+from agpo.runtime.guard import GuardConfig
+from agpo.tasks.data import DataConfig
 
 ALGOS = ("agpo", "grpo")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -43,6 +30,7 @@ ROLLOUT_ENGINES = ("hf", "vllm", "auto")
 IMPLS = ("auto", "triton", "torch", "reference")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 TIS_MODES = ("off", "token", "seq")
+VLLM_HEAD_DTYPES = ("auto", "float32", "model")
 
 
 def _positive(obj, *names: str, allow_zero: bool = False) -> None:
@@ -145,6 +133,12 @@ class RolloutConfig:
     """vLLM KV-cache size in GiB (None: --vllm-gpu-memory-utilization decides on GPUs; 1 GiB on CPU)."""
     vllm_enforce_eager: bool | None = None
     """vLLM without CUDA graphs / compilation (None: eager on CPU, graphs on GPU)."""
+    vllm_head_dtype: str = "auto"
+    """Precision of the vLLM engine's LM head (its logits, hence its log-probs): float32 (hidden
+    states and head weight cast up, fp32 logits, as the trainer's fused head computes them;
+    vLLM's hf_overrides head_dtype), model (the engine's --dtype, e.g. bf16 logits) or auto
+    (float32 where the installed vLLM supports it, else the engine's dtype with a warning).
+    No effect when the engine runs in float32. docs/rollout.md."""
 
     def __post_init__(self) -> None:
         _positive(self, "prompts_per_step", "group_size", "max_new_tokens", "vllm_tensor_parallel_size",
@@ -156,6 +150,9 @@ class RolloutConfig:
             raise ConfigError(f"--vllm-gpu-memory-utilization: must lie in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_sleep_level not in (0, 1, 2):
             raise ConfigError(f"--vllm-sleep-level: expected 0, 1 or 2, got {self.vllm_sleep_level}")
+        if self.vllm_head_dtype not in VLLM_HEAD_DTYPES:
+            raise ConfigError(f"--vllm-head-dtype: expected auto, float32 or model, got {self.vllm_head_dtype!r} "
+                              "(auto: float32 where vLLM supports it; model: the engine's --dtype)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p: must lie in (0, 1], got {self.top_p}")
         if self.group_size < 2:
@@ -219,6 +216,9 @@ class LossConfig:
     """Weight of the KL to the reference policy (the paper: 0.03; 0 needs no reference model)."""
     kl_estimator: str = "k3"
     """k1, k2 or k3."""
+    kl_clamp: float | None = None
+    """Bound c on each token's KL, clamped to [-c, c] with no gradient where it binds (None: unbounded;
+    verl's k3 and OpenRLHF use 10)."""
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
     loss_agg: str = "token-mean"
@@ -245,7 +245,7 @@ class LossConfig:
         if self.score_temperature not in SCORE_TEMPERATURES:
             raise ConfigError(f"--score-temperature: expected sample or one, got {self.score_temperature!r}")
         _positive(self, "beta", "entropy_coef", "eps_high_offset", allow_zero=True)
-        _positive(self, "memory_budget", "tis_cap")
+        _positive(self, "memory_budget", "tis_cap", "kl_clamp")
         if self.tis not in (None, *TIS_MODES):
             raise ConfigError(f"--tis: expected off, token or seq, got {self.tis!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -347,28 +347,6 @@ class RunConfig:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "optim": OptimConfig,
             "loss": LossConfig, "controller": ControllerConfig, "warmup": WarmupConfig, "run": RunConfig,
             "guard": GuardConfig}
-_CLI_SKIP = {"data": {"split", "limit", "generator_options"}}
-CHOICES: dict[tuple[str, str], tuple] = {
-    ("model", "dtype"): DTYPES + tuple(DTYPE_ALIASES),
-    ("rollout", "engine"): ROLLOUT_ENGINES,
-    ("rollout", "vllm_sleep_level"): (0, 1, 2),
-    ("optim", "schedule"): SCHEDULES,
-    ("loss", "kl_estimator"): KL_ESTIMATORS,
-    ("loss", "loss_agg"): LOSS_AGGS,
-    ("loss", "impl"): IMPLS,
-    ("loss", "score_temperature"): SCORE_TEMPERATURES,
-    ("loss", "tis"): TIS_MODES,
-    ("controller", "dispersion"): DISPERSIONS,
-    ("controller", "vote_keys"): tuple(VOTE_KEYS),
-    ("controller", "entropy_temperature"): ENTROPY_TEMPERATURES,
-    ("run", "algo"): ALGOS,
-    ("run", "recipe"): tuple(RECIPES),
-    ("guard", "reward_errors"): REWARD_ERRORS,
-}
-"""The fixed values of the enumerated fields: argparse ``choices`` of their flags (``--help``
-lists them; tests/test_newcomer.py checks every enumerated field is here)."""
-_CLI_RENAME = {("data", "path"): "data_path", ("data", "eval_path"): "eval_data_path", ("data", "seed"): "data_seed",
-               ("data", "size"): "train_size", ("rollout", "engine"): "rollout"}
 
 
 @dataclass(kw_only=True)
@@ -445,156 +423,3 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(d, dict):
         raise ConfigError(f"--config {path}: expected a mapping of sections ({', '.join(SECTIONS)})")
     return d
-
-
-def _flag_name(section: str, name: str) -> str:
-    return _CLI_RENAME.get((section, name), name)
-
-
-def _resolve(kind, name: str):
-    hints = typing.get_type_hints(kind)
-    tp = hints[name]
-    optional = False
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        tp = args[0]
-    return tp, optional
-
-
-def _docs(kind) -> dict[str, str]:
-    """Field docstrings (the string literal after each field) for ``--help``."""
-    import ast
-    import inspect
-    import textwrap
-
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(kind)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
-    out = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None),
-                                                                                    ast.Constant):
-            out[a.target.id] = str(b.value.value)
-    return out
-
-
-def _none_or(tp):
-    def parse(s: str):
-        if s.lower() in ("none", "null", ""):
-            return None
-        return tp(s)
-    parse.__name__ = tp.__name__
-    return parse
-
-
-FLAG_HINTS = {
-    "--num-generations": "--group-size", "--rollout-n": "--group-size", "--n": "--group-size",
-    "--num-iterations": "--update-epochs", "--ppo-epochs": "--update-epochs",
-    "--max-completion-length": "--max-new-tokens", "--max-response-length": "--max-new-tokens",
-    "--temperature": "--tau-base", "--epsilon": "--eps-base", "--clip-ratio-low": "--eps-base",
-    "--clip-ratio": "--eps-base", "--epsilon-high": "--eps-high-offset (eps_high = eps + offset)",
-    "--clip-ratio-high": "--eps-high-offset (eps_high = eps + offset)", "--learning-rate": "--lr",
-    "--output-dir": "--out-dir", "--save-steps": "--save-every", "--eval-steps": "--eval-every",
-    "--max-steps": "--steps", "--loss-type": "--loss-agg", "--loss-agg-mode": "--loss-agg",
-    "--model-name-or-path": "--model", "--kl-coef": "--beta", "--seed-data": "--data-seed",
-}
-"""TRL / verl names of agpo.train's flags, for the error of an unknown flag."""
-_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors that suggest the flag meant, and ``--lr -1e-5`` read as a
-    number. ``raising``: a bad command line raises ``ConfigError`` (``config_from_args``: exit
-    status 2 through ``agpo.train.main``, like every other config error) instead of exiting."""
-
-    raising = False
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self._negative_number_matcher = _NUMBER  # argparse's own misses exponents (-1e-5)
-
-    def error(self, message: str):
-        hints = []
-        if "unrecognized arguments:" in message:
-            known = [s for a in self._actions for s in a.option_strings]
-            for tok in message.split("unrecognized arguments:", 1)[1].split():
-                flag = tok.split("=", 1)[0]
-                if flag in FLAG_HINTS:
-                    hints.append(f"{flag} is {FLAG_HINTS[flag]} here")
-                elif flag.startswith("--"):
-                    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
-                    if close:
-                        hints.append(f"did you mean {close[0]}?")
-                elif tok.lower() in ("true", "false", "yes", "no", "on", "off"):
-                    hints.append("switches take no value: --x turns one on, --no-x off")
-        hint = f" ({'; '.join(hints)})" if hints else ""
-        text = f"{message}{hint}; {self.prog} --help lists every flag"
-        if self.raising:
-            raise ConfigError(text)
-        self.exit(2, f"{self.prog}: error: {text}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m agpo.train", description=(
-        "AGPO / GRPO training. With no arguments: the tiny preset on the embedded a+b= task, a short "
-        "supervised warm-up, then AGPO; prints held-out accuracy before and after RL."),
-        argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="YAML file with sections " + ", ".join(SECTIONS) + "; flags override it")
-    p.add_argument("--task-option", action="append", dest="data.generator_options", metavar="KEY=VALUE",
-                   help="reasoning-gym generator option of the task, repeatable (e.g. --task-option max_terms=2); "
-                        "values read as JSON")
-    seen: dict[str, str] = {}
-    for section, kind in SECTIONS.items():
-        group = p.add_argument_group(section)
-        docs = _docs(kind)
-        for f in fields(kind):
-            if f.name in _CLI_SKIP.get(section, ()):
-                continue
-            name = _flag_name(section, f.name)
-            assert name not in seen, f"flag --{name} in both {seen[name]} and {section}"
-            seen[name] = section
-            flag = "--" + name.replace("_", "-")
-            tp, optional = _resolve(kind, f.name)
-            helptext = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if tp is bool:
-                group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
-                                   help=f"{helptext} (default {default})")
-            else:
-                choices = CHOICES.get((section, f.name))
-                kw = dict(metavar=tp.__name__.upper())
-                if choices is not None:  # None stays accepted for optional fields ("none")
-                    shown = [c for c in choices if c not in DTYPE_ALIASES]  # aliases accepted, not listed
-                    kw = dict(choices=(*choices, None) if optional else choices,
-                              metavar="{" + ",".join(map(str, shown + (["none"] if optional else []))) + "}")
-                group.add_argument(flag, dest=f"{section}.{f.name}", type=_none_or(tp) if optional else tp,
-                                   help=f"{helptext} (default {default})", **kw)
-    return p
-
-
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse the command line (and ``--config``) into a validated ``TrainConfig``."""
-    parser = build_parser()
-    parser.raising = True
-    ns = vars(parser.parse_args(argv))
-    base = load_yaml(ns.pop("config")) if "config" in ns else {}
-    base = {k: dict(v or {}) for k, v in base.items()} if isinstance(base, dict) else base
-    if "data.generator_options" in ns:
-        try:
-            options = task_options(ns["data.generator_options"])
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        ns["data.generator_options"] = {**((base.get("data") or {}).get("generator_options") or {}), **options}
-    for key, value in ns.items():
-        section, name = key.split(".", 1)
-        base.setdefault(section, {})[name] = value
-    # --algo grpo switches the controllers off unless they were set explicitly
-    algo = (base.get("run") or {}).get("algo", "agpo")
-    ctl = base.setdefault("controller", {})
-    if algo == "grpo":
-        ctl.setdefault("adaptive_clip", False)
-        ctl.setdefault("adaptive_temp", False)
-    return TrainConfig.from_dict(base)
