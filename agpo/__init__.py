@@ -15,6 +15,8 @@ what it may import:
   loading, LoRA, Liger-Kernel, safe DCP reading.
 - ``agpo.runtime``: surviving a long run. Checkpoints, the step guard and exit statuses,
   preemption (SIGTERM), metrics logs and plots.
+- ``agpo.integrations``: the whole AGPO step inside other trainers (TRL's ``GRPOTrainer``).
+  Imported by nothing of ``agpo``.
 - Shared at the top: ``config`` (the run config and its CLI), ``models`` (presets and
   loading), ``errors`` (the errors that end a run, with their exit statuses).
 - Command-line modules, thin, imported by nothing: ``train``, ``eval``, ``plot``, ``plan`` (the

@@ -104,15 +104,16 @@ def check_bias_values(bias: torch.Tensor | None, targets: torch.Tensor, position
     if bias is None:
         return
     b = bias.detach()
-    if bool((torch.isnan(b) | (b == math.inf)).any()):
-        fail("bias", "contains NaN or +inf; only -inf is allowed (it masks a vocabulary entry)")
     local = targets - v_off
     bad = (local >= 0) & (local < b.numel())
     bad &= torch.isneginf(b[local.clamp(0, b.numel() - 1)])
-    n_bad = bad.sum()
-    if process_group is not None:
+    counts = torch.stack([(torch.isnan(b) | (b == math.inf)).sum(), bad.sum()])
+    if process_group is not None:  # every rank reaches the same verdict (no rank left waiting)
         import torch.distributed as dist
-        dist.all_reduce(n_bad, group=process_group)
+        dist.all_reduce(counts, group=process_group)
+    if int(counts[0]):
+        fail("bias", "contains NaN or +inf; only -inf is allowed (it masks a vocabulary entry)")
+    n_bad = counts[1]
     if int(n_bad) == 0:
         return
     if not bool(bad.any()):

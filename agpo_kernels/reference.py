@@ -29,6 +29,8 @@ def linear_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     logprobs = torch.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     # A column masked by a -inf bias has p = 0 and log p = -inf: it adds nothing to the
-    # entropy, and the clamp keeps 0 * -inf (NaN, in the value and in its gradient) out.
-    entropy = -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
+    # entropy, and the clamp keeps 0 * -inf (NaN, in the value and in its gradient) out. At
+    # -1e4 it changes nothing else (exp(-1e4) is 0 in fp32 and fp64) and keeps an upstream
+    # gradient times the clamped value finite.
+    entropy = -(logprobs.exp() * logprobs.clamp(min=-1.0e4)).sum(-1)
     return logp, entropy

@@ -111,15 +111,18 @@ def loss_and_grads(fn, trainer, batch):
     ("dapo", 0.2, True, 0.0),
     # TRL's entropy bonus is a token mean whatever the loss type (agpo's default aggregates it like the loss)
     ("grpo", 0.04, False, 0.05), ("dr_grpo", 0.0, False, 0.1), ("dapo", 0.04, False, 0.05),
+    ("bnpo", 0.0, False, "accum"), ("dapo", 0.0, False, "accum"),  # the bonus under gradient accumulation
     # TRL's delta (two-sided clipping) is agpo's dual clip when delta > 1 + epsilon_high
     ("grpo", 0.04, False, "delta"), ("dapo", 0.2, True, "delta")])
 def test_same_loss_and_gradients_as_trl(model_dir, tmp_path, loss_type, beta, kl_fix, ent):
     delta = dict(delta=1.3) if ent == "delta" else {}
-    ent = 0.0 if ent == "delta" else ent
+    accum = 3 if ent == "accum" else 1
+    ent = {"delta": 0.0, "accum": 0.07}.get(ent, ent)
     trainer = make_trainer(AGPOGRPOTrainer, model_dir, tmp_path, loss_type=loss_type, beta=beta,
                            use_bias_correction_kl=kl_fix, entropy_coef=ent, **delta)
     assert trainer.agpo_fallback is None
     batch = make_batch(trainer)
+    trainer.current_gradient_accumulation_steps = accum
     assert (beta > 0) == ("ref_per_token_logps" in batch)
     ours, g_ours = loss_and_grads(trainer.agpo_compute_loss, trainer, batch)
     theirs, g_trl = loss_and_grads(lambda m, b: GRPOTrainer._compute_loss(trainer, m, b), trainer, batch)

@@ -26,7 +26,7 @@ The probe (every row at ``tau_base``) and the train groups (group ``p``'s rows a
 one call per group. ``RowTemperature`` (the temperature alone, for ``generate``'s own
 sampler) is kept for other callers.
 
-``sample_groups`` returns a ``Rollout`` (``agpo.rollout.base``): the ``SequenceBatch`` the
+``sample_groups`` (``sample_encoded`` for prompts another trainer tokenised) returns a ``Rollout`` (``agpo.rollout.base``): the ``SequenceBatch`` the
 policy scores and trains on, the decoded texts (cut at EOS, and at the stop string for
 plain-text prompts), the generated-token count that the token budget charges, and the
 log-probs of the sampled tokens under the distribution they were drawn from
@@ -148,10 +148,34 @@ def sample_groups(model, tokenizer, prompts: list[str], tau: torch.Tensor, *, gr
     of the first prompt times ``group_size``); its noise is keyed by ``row_keys(seed,
     stream, ...)``, so the result of a row does not depend on ``batch_rows``, on the other
     prompts of the call, on the global RNG or on the rank (see the module docstring)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
     if len(prompts) != tau.numel():
         raise ValueError(f"tau: {tau.numel()} temperatures for {len(prompts)} prompts")
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    return sample_encoded(model, tokenizer, enc["input_ids"], enc["attention_mask"], tau, group_size=group_size,
+                          max_new_tokens=max_new_tokens, top_p=top_p, batch_rows=batch_rows, stop=stop, seed=seed,
+                          stream=stream, row_offset=row_offset)
+
+
+def left_padded(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists (another trainer's tokenisation) as left-padded ``(ids, mask)``."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if len(p):
+            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def sample_encoded(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, tau: torch.Tensor, *, group_size: int,
+                   max_new_tokens: int, top_p: float = 1.0, batch_rows: int = 0, stop: str | None = None,
+                   seed: int = 0, stream: int = 0, row_offset: int = 0) -> Rollout:
+    """``sample_groups`` on prompts already tokenised: left-padded ``ids``/``mask [P, L]``."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    if ids.shape[0] != tau.numel():
+        raise ValueError(f"tau: {tau.numel()} temperatures for {ids.shape[0]} prompts")
     device = next(model.parameters()).device
     eos_ids, pad_id = stop_ids(model, tokenizer)
     if not 0.0 < float(top_p) <= 1.0:
@@ -162,9 +186,8 @@ def sample_groups(model, tokenizer, prompts: list[str], tau: torch.Tensor, *, gr
     gen_cfg = GenerationConfig(do_sample=False, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens,
                                eos_token_id=eos_ids or None, pad_token_id=pad_id, repetition_penalty=1.0,
                                stop_strings=[stop] if stop else None)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    ids = enc["input_ids"].repeat_interleave(group_size, 0)
-    mask = enc["attention_mask"].repeat_interleave(group_size, 0)
+    ids = ids.repeat_interleave(group_size, 0)
+    mask = mask.repeat_interleave(group_size, 0)
     row_tau = tau.detach().float().cpu().repeat_interleave(group_size)
     _check_tau(row_tau)
     rows = ids.shape[0]

@@ -94,8 +94,8 @@ def _dlogits_kernel(
         # Columns past V get z = -1e30 and padding rows lse = +1e30: p = exp(z - lse) is
         # exactly 0 there, so nothing unset reaches an exp or the stores (masked as well).
         z = tl.where(col_ok[None, :], acc * it[:, None], NEG_BIG)
-        if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG), never -inf
-            z = tl.maximum(z, NEG_BIG)
+        if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG); NaN stays NaN
+            z = tl.where(z < NEG_BIG, NEG_BIG, z)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=-NEG_BIG)
         mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
         g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)

@@ -81,8 +81,8 @@ def _fwd_stats_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc * it[:, None], NEG_BIG)
-        if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG), never -inf
-            z = tl.maximum(z, NEG_BIG)
+        if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG); NaN stays NaN
+            z = tl.where(z < NEG_BIG, NEG_BIG, z)
         m, s, a, zy = online_softmax_step(m, s, a, zy, z, cols, col_ok, y)
 
     out = part_ptr + split * N + rows

@@ -49,8 +49,8 @@ def _row_stats(x_rows, b_ptr, V, y, it, row_ok, HAS_BIAS: tl.constexpr, BLOCK_R:
         if HAS_BIAS:
             x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], x * it[:, None], NEG_BIG)
-        if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG), never -inf
-            z = tl.maximum(z, NEG_BIG)
+        if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG); NaN stays NaN
+            z = tl.where(z < NEG_BIG, NEG_BIG, z)
         m, s, a, zy = online_softmax_step(m, s, a, zy, z, cols, col_ok, y)
     return m, s, a, zy
 
@@ -184,8 +184,8 @@ def _loss_rows_kernel(
             if HAS_BIAS:
                 x += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             z = tl.where(col_ok[None, :], x * it[:, None], NEG_BIG)  # p = 0 past V
-            if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG), never -inf
-                z = tl.maximum(z, NEG_BIG)
+            if HAS_BIAS:  # a -inf bias masks its column: absent (NEG_BIG); NaN stays NaN
+                z = tl.where(z < NEG_BIG, NEG_BIG, z)
             p = tl.exp(z - lse[:, None])
             dz = -p * (g_lp[:, None] + g_h[:, None] * (z - mu[:, None]))
             dz += tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0)
