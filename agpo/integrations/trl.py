@@ -19,7 +19,9 @@ hands this process its prompts, each repeated ``num_generations`` times) runs th
    trainer's own reward functions -> ``controller.probe_step`` (reward dispersion, skew,
    vote entropy of the answers) -> tau per prompt;
 3. the train group: ``num_generations`` samples of prompt ``p`` at ``tau[p]``, returned to
-   TRL, which scores their rewards;
+   TRL, which scores their rewards (``probe_reuse``: the train group is
+   ``num_generations - probe_size`` of them and the probe rows follow it, trained too, with
+   advantages pooled over both, as ``agpo.train --probe-reuse``);
 4. old and reference log-probs are scored at each row's temperature (the fused head, no
    logits: TRL's own scoring has its one ``temperature``); advantages are agpo's group
    advantages; the rows' token-mean entropy per group -> ``controller.clip_step`` -> eps
@@ -46,7 +48,7 @@ import warnings
 import torch
 from accelerate.utils import gather_object
 
-from agpo.algo.controllers import AGPOController, ControllerConfig
+from agpo.algo.controllers import AGPOController, ControllerConfig, step_kl
 from agpo.rollout.hf import left_padded, sample_encoded
 from agpo_kernels.integrations.trl import AGPOClipCallback, AGPOGRPOTrainer, _group_mean, add_hidden_forward
 from agpo_kernels.linear_logprobs import linear_logprobs
@@ -62,11 +64,19 @@ class AGPOTRLConfig:
     controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
     """The two controllers (docs/algorithm.md); ``tau_base`` replaces TRL's ``temperature``."""
     probe_size: int | None = None
-    """Probe samples per prompt (None: ``num_generations``)."""
+    """Probe samples per prompt (None: ``num_generations``, or half of it with ``probe_reuse``)."""
     extract: str = "default"
     """Answer extractor for the vote entropy: "default" (the controller's ``vote_keys``)."""
     seed: int = 0
     """Seed of the sampling noise (each row's noise is keyed by seed, global step, phase and row)."""
+    probe_reuse: bool = False
+    """Train on the probe rows too (``agpo.train --probe-reuse``): each prompt's
+    ``num_generations`` rows are then its train group (``num_generations - probe_size`` rows
+    at its temperature) followed by its probe (``probe_size`` rows at ``tau_base``), with
+    advantages pooled over both; eps comes from the train rows' entropy."""
+    stop: str | None = None
+    """A stop string for plain-text prompts (a base model that goes on to invent the next
+    question): generation stops there, and the completion is cut at it for the answers."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.controller, ControllerConfig):
@@ -74,6 +84,19 @@ class AGPOTRLConfig:
         if self.probe_size is not None and (isinstance(self.probe_size, bool) or not isinstance(self.probe_size, int)
                                             or self.probe_size < 2):
             raise ValueError(f"probe_size: expected an int >= 2 or None, got {self.probe_size!r}")
+        if self.probe_reuse and not self.controller.needs_probe:
+            raise ValueError("probe_reuse: both controllers are off, so there is no probe to reuse")
+
+    def split(self, num_generations: int) -> tuple[int, int]:
+        """``(train rows, probe rows)`` per prompt; with ``probe_reuse`` both are among TRL's
+        ``num_generations`` rows, else the probe is drawn beside them."""
+        if not self.probe_reuse:
+            return num_generations, self.probe_size or num_generations
+        probe = self.probe_size or num_generations // 2
+        if num_generations - probe < 2 or probe < 2:
+            raise ValueError(f"probe_reuse: num_generations {num_generations} = train rows + probe_size {probe} "
+                             "needs >= 2 of each; raise num_generations or change probe_size")
+        return num_generations - probe, probe
 
 
 class AGPOTrainer(AGPOGRPOTrainer):
@@ -85,9 +108,10 @@ class AGPOTrainer(AGPOGRPOTrainer):
         self.agpo = agpo if agpo is not None else AGPOTRLConfig()
         if not isinstance(self.agpo, AGPOTRLConfig):
             raise TypeError(f"agpo: expected an AGPOTRLConfig, got {type(self.agpo).__name__}")
-        _check_args(kwargs.get("args", args[1] if len(args) > 2 else None))
+        _check_args(kwargs.get("args", args[2] if len(args) > 2 else None))  # (model, reward_funcs, args)
         self.controller = AGPOController(self.agpo.controller)
         super().__init__(*args, rollout_func=_agpo_rollout, **kwargs)
+        self.agpo_rows = self.agpo.split(self.num_generations)  # (train, probe) rows per prompt
         self._check_setup()
         if self.ref_model is not None:
             add_hidden_forward(self.ref_model)
@@ -118,8 +142,11 @@ class AGPOTrainer(AGPOGRPOTrainer):
 
     # --- the generation batch ---------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        if not self.model.training:  # evaluation: TRL's sampling at tau_base, no controller
-            return super()._generate_and_score_completions(inputs)
+        if not self.model.training:  # evaluation: samples at tau_base, no controller
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                self._agpo_rows_tau, self._agpo_rewards = None, None
         from trl import GRPOTrainer
 
         self._agpo_step_kl()
@@ -132,17 +159,22 @@ class AGPOTrainer(AGPOGRPOTrainer):
         batch["temperature"] = tau
         rewards, _ = self._agpo_rewards
         self._agpo_rewards = None
-        G = self.num_generations
+        G, (Gt, _) = self.num_generations, self.agpo_rows
+        # group-relative advantages over each prompt's rows (train and, with probe_reuse, probe: pooled)
         adv = self.controller.advantages(rewards.view(-1, G).float()).reshape(-1)
         batch["advantages"] = adv.to(batch["advantages"].device, batch["advantages"].dtype)
         old, entropy = self.policy_token_stats(batch, temperature=tau.view(-1, 1))
-        ent = _global(self, _group_mean(entropy, batch["completion_mask"], G).tolist())
+        if self.controller.config.entropy_temperature == "one":  # the clip's entropy at temperature 1
+            entropy = self.policy_token_stats(batch, temperature=1.0)[1]
+        train = (torch.arange(tau.numel(), device=tau.device) % G) < Gt  # the train group's rows
+        mask = batch["completion_mask"][train]
+        ent = _global(self, _group_mean(entropy[train], mask, Gt).tolist())  # the paper: the train group's entropy
         eps = self.controller.clip_step(ent)
         mine = self._local_groups(len(ent))
         eps_rows = eps[mine].repeat_interleave(G).to(tau.device)
         batch["eps_low"], batch["eps_high"] = eps_rows, eps_rows.clone()
-        self._agpo_pending = ({k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids",
-                                                     "completion_mask")}, tau, old)
+        self._agpo_pending = ({k: batch[k][train] for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                            "completion_mask")}, tau[train], old[train])
         self.agpo_last.update({"agpo/eps_mean": float(eps.mean()), "agpo/eps_min": float(eps.min()),
                                "agpo/eps_max": float(eps.max())})
         return batch
@@ -158,8 +190,9 @@ class AGPOTrainer(AGPOGRPOTrainer):
             return
         rows, tau, old = self._agpo_pending
         new, _ = self.policy_token_stats(rows, temperature=tau.view(-1, 1))
-        kl = _global(self, _group_mean(old - new, rows["completion_mask"], self.num_generations).tolist())
-        self.agpo_last["agpo/step_kl"] = self.controller.update_step_kl(kl)
+        kl = _global(self, _group_mean(old - new, rows["completion_mask"], self.agpo_rows[0]).tolist())
+        ctl = self.controller  # measured for every algorithm; only the clip controller feeds on it
+        self.agpo_last["agpo/step_kl"] = ctl.update_step_kl(kl) if ctl.config.adaptive_clip else step_kl(kl)
         self._agpo_pending = None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -191,7 +224,7 @@ class AGPOTrainer(AGPOGRPOTrainer):
 
     # --- logs and checkpoints ---------------------------------------------------------------
     def log(self, logs, *args, **kwargs):
-        if self.model.training and self.agpo_last:
+        if self.model.training and self.agpo_last and "loss" in logs:  # the step logs, not the run summary
             logs = {**logs, **self.agpo_last, "agpo/probe_tokens": self.agpo_tokens["probe"],
                     "agpo/generated_tokens": self.agpo_tokens["probe"] + self.agpo_tokens["train"]}
         return super().log(logs, *args, **kwargs)
@@ -254,8 +287,10 @@ def _global(trainer, values: list) -> list:
 
 
 def _agpo_rollout(prompts: list, trainer: AGPOTrainer) -> dict:
-    """TRL's ``rollout_func``: the probe, the controller's temperatures, the train group."""
-    G = trainer.num_generations
+    """TRL's ``rollout_func``: the probe, the controller's temperatures, the train group.
+    In evaluation: ``num_generations_eval`` samples at ``tau_base``, no probe, no controller."""
+    training = trainer.model.training
+    G = trainer.num_generations if training else trainer.num_generations_eval
     if len(prompts) % G or any(prompts[i] != prompts[i - i % G] for i in range(len(prompts))):
         raise ValueError(f"rollout: expected each prompt {G} times in a row (TRL's repeat sampler), got "
                          f"{len(prompts)} prompts")
@@ -267,10 +302,11 @@ def _agpo_rollout(prompts: list, trainer: AGPOTrainer) -> dict:
     rank = trainer.accelerator.process_index
     model = trainer.accelerator.unwrap_model(trainer.model)
     tok = trainer.processing_class
-    sample = dict(max_new_tokens=trainer.max_completion_length, top_p=trainer.top_p, seed=cfg.seed)
+    sample = dict(max_new_tokens=trainer.max_completion_length, top_p=trainer.top_p, seed=cfg.seed, stop=cfg.stop)
+    Gt, Gp = trainer.agpo_rows if training else (G, 0)
     with torch.no_grad():
-        Gp = cfg.probe_size or G
-        if ctl.config.needs_probe:
+        probe = None
+        if training and ctl.config.needs_probe:
             probe = sample_encoded(model, tok, ids, mask, torch.full((P,), ctl.config.tau_base), group_size=Gp,
                                    stream=2 * step, row_offset=rank * P * Gp, **sample)
             rewards = _probe_rewards(trainer, probe, P, Gp)
@@ -285,16 +321,18 @@ def _agpo_rollout(prompts: list, trainer: AGPOTrainer) -> dict:
                                       "agpo/tau_max": float(tau_all.max()), **ctl.metrics()})
         else:
             tau = torch.full((P,), ctl.config.tau_base)
-        roll = sample_encoded(model, tok, ids, mask, tau, group_size=G, stream=2 * step + 1, row_offset=rank * P * G,
-                              **sample)
-    trainer.agpo_tokens["train"] += int(sum(_global(trainer, [roll.generated_tokens])))
-    trainer._agpo_rows_tau = roll.batch.temperature.clone()
-    b = roll.batch
-    n = b.completion_mask.sum(1).tolist()
-    rows_prompt = [prompt_ids[r // G] for r in range(P * G)]
-    return {"prompt_ids": rows_prompt,
-            "completion_ids": [b.completion_ids[r, :n[r]].tolist() for r in range(P * G)],
-            "logprobs": [roll.logprobs[r, :n[r]].tolist() for r in range(P * G)]}
+        roll = sample_encoded(model, tok, ids, mask, tau, group_size=Gt, stream=2 * step + 1,
+                              row_offset=rank * P * Gt, **sample)
+    if training:
+        trainer.agpo_tokens["train"] += int(sum(_global(trainer, [roll.generated_tokens])))
+    # each prompt's rows: its train group, then (probe_reuse) its probe rows
+    parts = [(roll, Gt)] + ([(probe, Gp)] if training and cfg.probe_reuse else [])
+    rows = [(r_, p * g + i) for p in range(P) for r_, g in parts for i in range(g)]
+    n = {id(r_): r_.batch.completion_mask.sum(1).tolist() for r_, _ in parts}
+    trainer._agpo_rows_tau = torch.stack([r_.batch.temperature[i] for r_, i in rows])
+    return {"prompt_ids": [prompt_ids[r // G] for r in range(P * G)],
+            "completion_ids": [r_.batch.completion_ids[i, :n[id(r_)][i]].tolist() for r_, i in rows],
+            "logprobs": [r_.logprobs[i, :n[id(r_)][i]].tolist() for r_, i in rows]}
 
 
 def _probe_rewards(trainer: AGPOTrainer, probe, P: int, Gp: int) -> torch.Tensor:

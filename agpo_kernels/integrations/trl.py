@@ -40,12 +40,13 @@ during that forward (``backward="forward"``).
 generation batch it computes the group statistics (``num_generations`` completions per
 prompt: reward dispersion and skewness, vote entropy of the answers, the policy's
 per-group entropy) and writes per-sequence ``eps_low = eps_high`` into the batch; the step
-KL of the previous batch is measured once its update is done. It is **not** AGPO: TRL
-samples a whole batch at one ``temperature`` and has no per-prompt temperature in its
-generation path, so there is no temperature controller and no probe group; the statistics
-come from the train group itself. What runs is GRPO with AGPO's adaptive clip (the
-``--algo grpo --adaptive-clip`` ablation of ``python -m agpo.train``, docs/algorithm.md).
-For the full algorithm (probe group, per-group temperature) use ``python -m agpo.train``.
+KL of the previous batch is measured once its update is done. It is **not** AGPO: TRL's
+own generation samples a whole batch at one ``temperature``, so there is no temperature
+controller and no probe group; the statistics come from the train group itself. What
+runs is GRPO with AGPO's adaptive clip (the ``--algo grpo --adaptive-clip`` ablation of
+``python -m agpo.train``, docs/algorithm.md). The full algorithm in TRL (probe group,
+per-prompt temperature through TRL's ``rollout_func``) is ``agpo.integrations.trl.AGPOTrainer``,
+on the ``agpo`` side (it needs agpo's sampler).
 ``AGPOControllerCallback`` is the old name, kept as a deprecated alias.
 """
 
@@ -343,8 +344,8 @@ class AGPOClipCallback(TrainerCallback):
             controller = AGPOController(config if config is not None else ControllerConfig(adaptive_temp=False))
         if controller.config.adaptive_temp:
             warnings.warn(f"{type(self).__name__}: adaptive_temp is ignored and switched off: TRL samples a "
-                          "batch at one temperature, so only the adaptive clip runs (python -m agpo.train "
-                          "runs the temperature controller and the probe group)", UserWarning, stacklevel=2)
+                          "batch at one temperature, so only the adaptive clip runs (agpo.integrations.trl."
+                          "AGPOTrainer runs the temperature controller and the probe group)", UserWarning, stacklevel=2)
             controller.config = dataclasses.replace(controller.config, adaptive_temp=False)
         if not controller.config.adaptive_clip:
             warnings.warn(f"{type(self).__name__}: adaptive_clip is off, so every eps is eps_base "
