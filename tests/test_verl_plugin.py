@@ -9,7 +9,8 @@ scripts/verl_env.sh``, then ``.venv-verl/bin/python -m pytest tests/test_verl_pl
 - ``agpo_ppo_loss`` (verl's ``ppo_loss`` with per-row eps) equals ``agpo_loss(impl="reference")``
   with per-row eps, per-row temperature, k3 KL (clamped at 10 as verl's), entropy bonus and
   importance weights: loss and gradients;
-- the ``"agpo"`` estimator equals agpo's group advantages per uid, uneven groups included.
+- the ``"agpo"`` estimator equals agpo's group advantages per uid, uneven groups included;
+- the ``"agpo_single_turn"`` agent loop sends each sample's request at its own temperature.
 """
 
 import os
@@ -182,3 +183,53 @@ def test_agpo_estimator_is_agpo_group_advantages_per_uid():
     assert torch.equal(adv, returns) and bool((adv[mask == 0] == 0).all())
     assert bool((adv[3:5] == 0).all())  # "c": equal rewards -> 0
     del g
+
+
+def test_agent_loop_sends_each_sample_at_its_own_temperature():
+    """verl's real single-turn loop under the plugin's subclass, a recording fake server (the
+    pattern of verl's own CPU agent-loop tests): rows with ``agpo_temperature`` reach the
+    server at it, a row without it at the rollout's; the shared params are not changed."""
+    import asyncio
+
+    from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap, _agent_loop_registry
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+    from verl.workers.rollout.replica import TokenOutput
+
+    from agpo_kernels.integrations.verl.agent_loop import AGPOSingleTurnAgentLoop
+
+    assert _agent_loop_registry["agpo_single_turn"]["_target_"].endswith("AGPOSingleTurnAgentLoop")
+    sent = []
+
+    class Server:
+        async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+            sent.append(dict(sampling_params))
+            return TokenOutput(token_ids=[11, 12], log_probs=[0.0, 0.0])
+
+    class Tok:
+        padding_side = "right"
+
+        def apply_chat_template(self, messages, **kwargs):
+            return [101, 102]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "x"
+
+    config = OmegaConf.create({"actor_rollout_ref": {"rollout": {"prompt_length": 8, "response_length": 8,
+                                                                 "multi_turn": {"tool_config_path": None}},
+                                                     "model": {"path": "dummy", "tokenizer_path": "dummy"}},
+                               "data": {"tool_config_path": None, "apply_chat_template_kwargs": {}}})
+    shared = {"temperature": 1.0, "top_p": 1.0}
+    prompt = [{"role": "user", "content": "1+1="}]
+
+    async def rows():  # the loop object binds the running event loop: build it inside
+        loop = AGPOSingleTurnAgentLoop(trainer_config=DictConfigWrap(config), server_manager=Server(), tokenizer=Tok(),
+                                       processor=None, dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data))
+        for tau in (0.6, 1.2, None):
+            kw = {} if tau is None else {"agpo_temperature": tau}
+            await loop.run(sampling_params=shared, raw_prompt=prompt, **kw)
+        with pytest.raises(ValueError, match="^agpo_temperature: expected a finite temperature > 0"):
+            await loop.run(sampling_params=shared, raw_prompt=prompt, agpo_temperature=0.0)
+    asyncio.run(rows())
+    assert [s["temperature"] for s in sent] == [0.6, 1.2, 1.0]
+    assert shared == {"temperature": 1.0, "top_p": 1.0}

@@ -10,7 +10,9 @@ verl``; agpo's (``pyproject.toml``) is this package, which registers, and does n
   ``set_loss_fn``) hands it the batch's ``agpo_eps``; verl's entropy bonus, KL, importance
   weights and global-batch normalisation stay verl's own;
 - ``advantages``: the estimator ``"agpo"`` (``algorithm.adv_estimator=agpo``): agpo's group
-  advantages per uid (``agpo.algo.stats.group_advantages``).
+  advantages per uid (``agpo.algo.stats.group_advantages``);
+- ``agent_loop``: the agent loop ``"agpo_single_turn"``: each sample's request at its row's
+  ``agpo_temperature`` (the per-prompt temperature of the AGPO trainer to come).
 
 verl swallows a plugin's import error at debug level, so whatever depends on the plugin
 calls ``check()`` first: it stops with one line naming the cause (another verl version, the
@@ -24,7 +26,7 @@ VERL_PIN = "0.9.1"
 
 _IMPORT_ERROR: BaseException | None = None
 try:
-    from agpo_kernels.integrations.verl import advantages, losses  # noqa: F401  (registers)
+    from agpo_kernels.integrations.verl import advantages, agent_loop, losses  # noqa: F401  (registers)
 except ImportError as exc:  # verl missing or changed: check() reports it, import verl goes on
     _IMPORT_ERROR = exc
 
