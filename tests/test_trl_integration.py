@@ -342,3 +342,17 @@ def test_controller_callback_needs_controllers():
     else:
         with pytest.raises(ImportError, match="agpo.algo.controllers"):
             AGPOClipCallback()
+
+
+def test_the_grpo_example_runs():
+    """examples/trl_grpo.py, as the README shows it: the fused loss and the clip callback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "examples/trl_grpo.py"], cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and all(" eps " in line for line in lines), out.stdout[-2000:]
