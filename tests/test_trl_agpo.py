@@ -227,3 +227,29 @@ def test_evaluation_samples_at_tau_base_and_leaves_the_controller_alone(model_di
     assert batch["completion_ids"].shape[0] == 2 * G and "eps_low" not in batch
     assert trainer.controller.state_dict() == before and trainer.agpo_tokens == {"probe": 0, "train": 0}
     assert trainer._agpo_rows_tau is None
+
+
+def test_off_policy_batches_reuse_trl_old_logps_scored_at_the_row_temperatures(model_dir, tmp_path):
+    """With several updates per generation TRL scores old log-probs itself (through the
+    per-row-temperature override); the clip's pending step-KL batch reuses them: they equal a
+    fresh scoring of the rows at their temperatures."""
+    trainer = make(model_dir, tmp_path, num_iterations=2, max_steps=2)
+    seen = record_batches(trainer)
+    pending = []
+    inner = trainer._generate_and_score_completions
+
+    def keep(inputs):
+        batch = inner(inputs)
+        pending.append(trainer._agpo_pending)
+        return batch
+    trainer._generate_and_score_completions = keep
+    trainer.train()
+    assert len(seen) == 1 and "old_per_token_logps" in seen[0]
+    rows, tau, old = pending[0]
+    torch.testing.assert_close(old, seen[0]["old_per_token_logps"])
+    fresh, _ = trainer.policy_token_stats({**seen[0], **rows}, temperature=tau.view(-1, 1))
+    mask = rows["completion_mask"].bool()
+    assert not torch.allclose(fresh[mask], old[mask])  # the policy moved after two updates...
+    trainer2 = make(model_dir, tmp_path / "b", num_iterations=2, max_steps=2)
+    fresh0, _ = trainer2.policy_token_stats({**seen[0], **rows}, temperature=tau.view(-1, 1))
+    torch.testing.assert_close(fresh0[mask], old[mask], rtol=1e-5, atol=1e-5)  # ...but not before them

@@ -47,6 +47,7 @@ import warnings
 
 import torch
 from accelerate.utils import gather_object
+from trl import GRPOTrainer
 
 from agpo.algo.controllers import AGPOController, ControllerConfig, step_kl
 from agpo.rollout.hf import left_padded, sample_encoded
@@ -147,8 +148,6 @@ class AGPOTrainer(AGPOGRPOTrainer):
                 return super()._generate_and_score_completions(inputs)
             finally:
                 self._agpo_rows_tau, self._agpo_rewards = None, None
-        from trl import GRPOTrainer
-
         self._agpo_step_kl()
         self._agpo_inputs = inputs
         try:  # TRL's own: rollout (ours) -> rewards (stashed by _calculate_rewards) -> scoring
@@ -163,8 +162,11 @@ class AGPOTrainer(AGPOGRPOTrainer):
         # group-relative advantages over each prompt's rows (train and, with probe_reuse, probe: pooled)
         adv = self.controller.advantages(rewards.view(-1, G).float()).reshape(-1)
         batch["advantages"] = adv.to(batch["advantages"].device, batch["advantages"].dtype)
-        old, entropy = self.policy_token_stats(batch, temperature=tau.view(-1, 1))
-        if self.controller.config.entropy_temperature == "one":  # the clip's entropy at temperature 1
+        at_one = self.controller.config.entropy_temperature == "one"  # the clip's entropy at temperature 1
+        old = batch.get("old_per_token_logps")  # TRL scored it (off-policy batches), at the rows' temperatures
+        if old is None or not at_one:
+            old, entropy = self.policy_token_stats(batch, temperature=tau.view(-1, 1))
+        if at_one:
             entropy = self.policy_token_stats(batch, temperature=1.0)[1]
         train = (torch.arange(tau.numel(), device=tau.device) % G) < Gt  # the train group's rows
         mask = batch["completion_mask"][train]
@@ -327,19 +329,19 @@ def _agpo_rollout(prompts: list, trainer: AGPOTrainer) -> dict:
         trainer.agpo_tokens["train"] += int(sum(_global(trainer, [roll.generated_tokens])))
     # each prompt's rows: its train group, then (probe_reuse) its probe rows
     parts = [(roll, Gt)] + ([(probe, Gp)] if training and cfg.probe_reuse else [])
-    rows = [(r_, p * g + i) for p in range(P) for r_, g in parts for i in range(g)]
-    n = {id(r_): r_.batch.completion_mask.sum(1).tolist() for r_, _ in parts}
-    trainer._agpo_rows_tau = torch.stack([r_.batch.temperature[i] for r_, i in rows])
-    return {"prompt_ids": [prompt_ids[r // G] for r in range(P * G)],
-            "completion_ids": [r_.batch.completion_ids[i, :n[id(r_)][i]].tolist() for r_, i in rows],
-            "logprobs": [r_.logprobs[i, :n[id(r_)][i]].tolist() for r_, i in rows]}
+
+    def row(r_, i):  # (completion ids, engine log-probs, temperature) of row i, cut at its end
+        n = int(r_.batch.completion_mask[i].sum())
+        return r_.batch.completion_ids[i, :n].tolist(), r_.logprobs[i, :n].tolist(), r_.batch.temperature[i]
+    completion_ids, logprobs, taus = zip(*[row(r_, p * g + i) for p in range(P) for r_, g in parts for i in range(g)])
+    trainer._agpo_rows_tau = torch.stack(taus)
+    return {"prompt_ids": [prompt_ids[r // G] for r in range(P * G)], "completion_ids": list(completion_ids),
+            "logprobs": list(logprobs)}
 
 
 def _probe_rewards(trainer: AGPOTrainer, probe, P: int, Gp: int) -> torch.Tensor:
     """``[P, Gp]`` rewards of the probe rows by the trainer's reward functions (weighted, as
     TRL sums them); a row no reward function scored is an error."""
-    from trl import GRPOTrainer
-
     inputs = trainer._agpo_inputs
     G = trainer.num_generations
     if inputs is None:

@@ -58,13 +58,13 @@ def agpo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg
         raise ValueError("config: the 'agpo' policy loss reads the clip range from verl's actor config")
     eps_low, eps_high = _clip_range(config, log_prob.shape[0], log_prob.device)
     dual = config.get("clip_ratio_c", 3.0)
-    surr, ratio, _ = clipped_surrogate(log_prob, old_log_prob, advantages, eps_low, eps_high, dual)
+    # the trust region, then the dual clip apart: verl reports where each binds
+    surr, ratio, region = clipped_surrogate(log_prob, old_log_prob, advantages, eps_low, eps_high)
+    lower = (advantages < 0) & (surr < dual * advantages)
+    surr = torch.where(lower, dual * advantages, surr)
     losses = -surr if rollout_is_weights is None else -surr * rollout_is_weights
     loss = agg_loss(loss_mat=losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info)
-    with torch.no_grad():  # verl's metrics: the trust region's clip, and the dual clip's, apart
-        region = ((advantages > 0) & (ratio > 1 + eps_high)) | ((advantages < 0) & (ratio < 1 - eps_low))
-        lower = (advantages < 0) & (torch.where(region, torch.where(advantages > 0, 1 + eps_high, 1 - eps_low),
-                                                ratio) * advantages < dual * advantages)
+    with torch.no_grad():
         metrics = {"actor/pg_clipfrac": masked_mean(region.float(), response_mask).item(),
                    "actor/ppo_kl": masked_mean(old_log_prob - log_prob, response_mask).item(),
                    "actor/pg_clipfrac_lower": masked_mean(lower.float(), response_mask).item()}
