@@ -12,7 +12,15 @@ verl``; agpo's (``pyproject.toml``) is this package, which registers, and does n
 - ``advantages``: the estimator ``"agpo"`` (``algorithm.adv_estimator=agpo``): agpo's group
   advantages per uid (``agpo.algo.stats.group_advantages``);
 - ``agent_loop``: the agent loop ``"agpo_single_turn"``: each sample's request at its row's
-  ``agpo_temperature`` (the per-prompt temperature of the AGPO trainer to come).
+  ``agpo_temperature`` (the per-prompt temperature of the AGPO trainer);
+- ``engine``: verl's FSDP language-model engine for CUDA, registered under its
+  ``("cuda", "nvidia")`` key, unchanged unless asked: a per-row ``agpo_temperature`` tensor
+  wins over the scalar ``temperature`` verl's V1 trainer writes, and with
+  ``model.use_fused_kernels=True`` and ``fused_kernel_options.impl_backend=agpo`` the
+  log-probs and entropy come from agpo's fused head at each row's temperature.
+
+Loading the plugin resolves verl's platform (verl's loss and engine modules ask for it on
+import): a platform plugin of verl's (another accelerator vendor) must load before agpo's.
 
 verl swallows a plugin's import error at debug level, so whatever depends on the plugin
 calls ``check()`` first: it stops with one line naming the cause (another verl version, the
@@ -26,7 +34,7 @@ VERL_PIN = "0.9.1"
 
 _IMPORT_ERROR: BaseException | None = None
 try:
-    from agpo_kernels.integrations.verl import advantages, agent_loop, losses  # noqa: F401  (registers)
+    from agpo_kernels.integrations.verl import advantages, agent_loop, engine, losses  # noqa: F401  (registers)
 except ImportError as exc:  # verl missing or changed: check() reports it, import verl goes on
     _IMPORT_ERROR = exc
 
