@@ -132,6 +132,8 @@ OTHER_TOOLS = {
     "--local-dir", "--benchmark-only", "--benchmark-disable", "--timeout", "--durations", "--runslow",
     "--requeue", "--signal", "--gres", "--ntasks-per-node", "--cpus-per-task", "--time", "--help",
     "--run-long", "--long-shapes", "--bench-long",
+    # ray start (docs/verl.md: a Ray cluster over two nodes)
+    "--head", "--address", "--port",
 }
 """Flags of other tools that the docs name on their own command lines."""
 

@@ -7,8 +7,6 @@ not installed. For packed and padded batches, fixed and dynamic micro-batches:
   given the same per-row temperatures, and a float64 eager forward of the checkpoint;
 - one training step gives verl's engine's gradients (a loss on log-probs and entropy);
 - ``lm_head`` never returns the logits: every output it gives is ``[..., 2]`` (log-prob, entropy);
-- the per-row temperature reaches the engine as ``agpo_temperature`` beside the scalar
-  ``temperature=1.0`` verl's V1 trainer writes, and the scalar does not win;
 - each row's ``agpo_eps`` reaches the loss in every micro-batch;
 - what needs the whole logits (``calculate_sum_pi_squared``) is refused by name.
 """
@@ -113,8 +111,10 @@ def test_agpo_head_in_verls_engine_matches_verl_and_eager(model_dir, tmp_path, w
         assert ranks[0]["rows"] != ranks[1]["rows"]
 
 
-def test_scalar_temperature_alone_is_a_different_answer(model_dir):
-    """The guard above is not vacuous: scored at verl's scalar 1.0 the rows differ."""
+def test_the_rows_temperatures_matter_here(model_dir):
+    """The comparisons above would see a temperature dropped: at 1.0 the rows score otherwise.
+    (That verl's V1 trainer never sends its scalar over the rows' temperatures is
+    tests/test_verl_trainer.py's.)"""
     batch = make_batch(seed=5)
     rows = list(range(batch["row"].shape[0]))
     at_rows = eager_oracle(model_dir, batch, rows)

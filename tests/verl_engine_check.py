@@ -3,11 +3,10 @@
 tests/verl_engine_check.py MODEL_DIR BATCH_FILE OUT_DIR``.
 
 Each rank takes its rows of the batch the test wrote and, for each layout (packed or
-padded; fixed or dynamic micro-batches), runs two real verl FSDP2 engines on them: verl's
-own ``FSDPEngineWithLMHead`` with the per-row temperature as verl's ``temperature`` tensor,
-and the engine verl's registry picks (agpo's, with ``impl_backend=agpo``) given that
-temperature only as ``agpo_temperature``, next to a scalar ``temperature`` of 1.0 as verl's
-V1 trainer writes it. Both score the rows (log-probs, entropy), then take one training step
+padded; fixed or dynamic micro-batches), runs two real verl FSDP2 engines on them, each
+given the rows' temperatures as verl's per-row ``temperature`` tensor: verl's own
+``FSDPEngineWithLMHead`` (non-fused), and the engine verl's registry picks (agpo's, with
+``impl_backend=agpo``). Both score the rows (log-probs, entropy), then take one training step
 on the same loss; each rank saves what came out, the gradients, the shape of every
 ``lm_head`` output, the ``agpo_eps`` each micro-batch's loss saw and the message that
 refuses ``calculate_sum_pi_squared``, to OUT_DIR/rank{R}.pt."""
@@ -41,11 +40,7 @@ def tensordict(rows: dict, *, layout: dict, agpo: bool) -> TensorDict:
     td = TensorDict({k: rows[k].clone() for k in ("input_ids", "attention_mask", "response_mask", "position_ids",
                                                   "row", "coef", "agpo_eps")}, batch_size=[rows["row"].shape[0]])
     td = left_right_2_no_padding(td)
-    if agpo:
-        td["agpo_temperature"] = rows["temperature"].clone()
-        tu.assign_non_tensor(td, temperature=1.0)  # what V1 writes beside it
-    else:
-        td["temperature"] = rows["temperature"].clone()
+    td["temperature"] = rows["temperature"].clone()  # per row, as the AGPO trainer sends it
     tu.assign_non_tensor(td, calculate_entropy=True, use_remove_padding=layout["remove_padding"],
                          use_dynamic_bsz=layout["dynamic_bsz"], micro_batch_size_per_gpu=2, max_token_len_per_gpu=24,
                          use_fused_kernels=agpo, global_batch_size=int(rows["row"].shape[0]))

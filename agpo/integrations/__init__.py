@@ -5,6 +5,10 @@ copy of the step.
 
 - ``trl``: ``AGPOTrainer``, TRL's ``GRPOTrainer`` with the AGPO rollout and the fused loss
   of ``agpo_kernels.integrations.trl``.
+- ``verl``: ``AGPOTrainer`` on verl's V1 trainer (trainer mode ``agpo_sync``), its ``agpo:``
+  config block and the checks made before Ray starts; the loss, estimator, agent loop and
+  engine it runs with are the plugin ``agpo_kernels.integrations.verl``.
 
-May import ``agpo.algo``, ``agpo.rollout`` and ``agpo_kernels``; nothing in ``agpo`` imports it.
+May import ``agpo.algo``, ``agpo.rollout`` and ``agpo_kernels``; nothing in ``agpo`` imports it
+(the command line ``agpo.verl`` aside).
 """

@@ -14,10 +14,9 @@ verl``; agpo's (``pyproject.toml``) is this package, which registers, and does n
 - ``agent_loop``: the agent loop ``"agpo_single_turn"``: each sample's request at its row's
   ``agpo_temperature`` (the per-prompt temperature of the AGPO trainer);
 - ``engine``: verl's FSDP language-model engine for CUDA, registered under its
-  ``("cuda", "nvidia")`` key, unchanged unless asked: a per-row ``agpo_temperature`` tensor
-  wins over the scalar ``temperature`` verl's V1 trainer writes, and with
-  ``model.use_fused_kernels=True`` and ``fused_kernel_options.impl_backend=agpo`` the
-  log-probs and entropy come from agpo's fused head at each row's temperature.
+  ``("cuda", "nvidia")`` key, unchanged unless asked: with ``model.use_fused_kernels=True``
+  and ``fused_kernel_options.impl_backend=agpo`` the log-probs and entropy come from agpo's
+  fused head at each row's temperature, without the logits.
 
 Loading the plugin resolves verl's platform (verl's loss and engine modules ask for it on
 import): a platform plugin of verl's (another accelerator vendor) must load before agpo's.

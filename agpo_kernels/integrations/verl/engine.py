@@ -10,9 +10,8 @@ How: ``AGPOFSDPEngineWithLMHead`` subclasses verl's ``FSDPEngineWithLMHead`` and
 registered under the ``("cuda", "nvidia")`` key of verl's engine registry, which
 ``EngineRegistry.get_engine_cls`` prefers to the plain ``"cuda"`` key (ROCm falls back to
 it too). Whenever the plugin is installed it is the FSDP/FSDP2 language-model engine on
-those devices, so it stays verl's engine line for line unless asked:
-
-- ``impl_backend=agpo``: the model's output-embedding module (``lm_head``) gets a forward
+those devices, so it stays verl's engine line for line unless asked with
+``impl_backend=agpo``: the model's output-embedding module (``lm_head``) gets a forward
   that, while the engine has a request pending, returns ``[..., 2]`` "logits": the
   log-prob of the engine's (rolled) label and the entropy, at the engine's per-token
   temperatures. The head is still called from inside the model's own forward and its
@@ -20,10 +19,10 @@ those devices, so it stays verl's engine line for line unless asked:
   for the backward (its pre-backward hook sits on the module's outputs) as on verl's
   path. The engine then hands the two columns to verl's fused-kernel output handling
   (packing, Ulysses gather, nesting), as verl's own fused forward would.
-- a tensor field ``agpo_temperature`` ``[B]`` in the batch (the AGPO trainer's per-row
-  sampling temperature) is the temperature, whatever scalar ``temperature`` the trainer
-  put beside it: verl's V1 trainer writes a scalar that silently replaces a per-row
-  ``temperature`` tensor on the worker, and it cannot replace a field it does not know.
+
+The temperature is verl's ``temperature`` field, a scalar or a ``[B]`` tensor of per-row
+values, read as verl's non-fused path reads it. (Keeping verl's V1 trainer from writing its
+scalar over a per-row tensor is the AGPO trainer's job: ``agpo.integrations.verl.trainer``.)
 
 Not supported with ``impl_backend=agpo`` (each refused with a message): verl's top-k
 distillation and ``calculate_sum_pi_squared``, which need the whole logits.
@@ -42,9 +41,6 @@ from agpo_kernels.linear_logprobs import linear_logprobs
 
 AGPO_BACKEND = "agpo"
 """``fused_kernel_options.impl_backend`` value that selects agpo's head."""
-
-TEMPERATURE_FIELD = "agpo_temperature"
-"""Per-row sampling temperature ``[B]`` that wins over verl's ``temperature``."""
 
 
 class _HeadRequest:
@@ -87,8 +83,8 @@ def _refuse(micro_batch, key: str, why: str) -> None:
 
 @EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cuda", vendor="nvidia")
 class AGPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
-    """verl's FSDP language-model engine, with agpo's head under ``impl_backend=agpo`` and
-    the per-row ``agpo_temperature`` field honoured (module docstring)."""
+    """verl's FSDP language-model engine, with agpo's head under ``impl_backend=agpo``
+    (module docstring)."""
 
     @property
     def agpo_head(self) -> bool:
@@ -108,9 +104,6 @@ class AGPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         return module
 
     def prepare_model_inputs(self, micro_batch):
-        if TEMPERATURE_FIELD in micro_batch.keys():
-            micro_batch = micro_batch.copy()
-            micro_batch["temperature"] = micro_batch[TEMPERATURE_FIELD].to(torch.float32)
         if not self.agpo_head:
             return super().prepare_model_inputs(micro_batch)
         _refuse(micro_batch, "distillation_use_topk", "top-k distillation reads the whole logits")
