@@ -4,7 +4,7 @@
 # verl 0.9.1 caps transformers below 5.11 while agpo[train] needs 5.19 or newer, so verl
 # lives beside the main environment, never inside it (as vLLM does: scripts/vllm_env.sh).
 # About 2 GB and 2 minutes from PyPI. Then:
-#   .venv-verl/bin/python -m pytest tests/test_verl_plugin.py tests/test_verl_engine.py tests/test_verl_trainer.py tests/test_verl_docs.py
+#   .venv-verl/bin/python -m pytest tests/test_verl_plugin.py tests/test_verl_engine.py tests/test_verl_trainer.py tests/test_verl_checks.py tests/test_verl_docs.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-verl}

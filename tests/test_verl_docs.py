@@ -33,12 +33,15 @@ DOCS = [ROOT / "docs" / "verl.md", ROOT / "examples" / "verl_openrlhf.md"]
 
 
 def accepted(argv: list[str]):
-    """The config ``python -m agpo.verl`` would run with these arguments (raises otherwise)."""
+    """The config ``python -m agpo.verl`` would run with these arguments (raises otherwise), and
+    the GPUs hold whole rollout replicas (verl makes ``GPUs // tensor-parallel`` of them)."""
     config = _config(list(argv))
     apply_defaults(config)
     check_config(config)
     check_paths(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    gpus, tp = config.trainer.nnodes * config.trainer.n_gpus_per_node, config.actor_rollout_ref.rollout.tensor_model_parallel_size
+    assert gpus >= tp and gpus % tp == 0, f"{gpus} GPUs do not hold whole rollout replicas of tensor-parallel {tp}"
     return config
 
 

@@ -8,7 +8,8 @@ not installed. For packed and padded batches, fixed and dynamic micro-batches:
 - one training step gives verl's engine's gradients (a loss on log-probs and entropy);
 - ``lm_head`` never returns the logits: every output it gives is ``[..., 2]`` (log-prob, entropy);
 - each row's ``agpo_eps`` reaches the loss in every micro-batch;
-- what needs the whole logits (``calculate_sum_pi_squared``) is refused by name.
+- what needs the whole logits (``calculate_sum_pi_squared``) is refused by name, and so is
+  a model whose forward transforms the logits after the head (soft-capping, logit scales).
 """
 
 import os
@@ -120,3 +121,17 @@ def test_the_rows_temperatures_matter_here(model_dir):
     at_rows = eager_oracle(model_dir, batch, rows)
     at_one = eager_oracle(model_dir, {**batch, "temperature": torch.ones(len(rows))}, rows)
     assert max((a[0] - b[0]).abs().max().item() for a, b in zip(at_rows, at_one)) > 1e-2
+
+
+@pytest.mark.parametrize("attr, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
+                                         ("logits_scaling", 8.0)])
+def test_a_model_that_transforms_the_logits_is_refused(attr, value):
+    from transformers import Qwen2Config
+
+    from agpo_kernels.integrations.verl.engine import check_head_model
+
+    check_head_model(Qwen2Config())  # a plain head: fine
+    check_head_model(Qwen2Config(**{attr: None if attr == "final_logit_softcapping" else 1.0}))
+    with pytest.raises(NotImplementedError, match=rf"^impl_backend=agpo: .* \({attr}={value}\); set use_fused"):
+        check_head_model(Qwen2Config(**{attr: value}))
+

@@ -12,14 +12,13 @@ formulas). Skipped where verl is not installed (``.ci/run`` runs it in ``.venv-v
 - per-row ``agpo_eps`` equals ``clip_step``'s eps expanded per sample (padding: eps_base);
 - the step-KL pass follows the update and feeds ``update_step_kl``; tau and eps over 3 steps
   equal agpo's own ``AGPOController`` driven in agpo.train's order;
-- checkpoint round trip (a resumed trainer takes the same next step); each bad config is
-  refused in one line naming the fix, before Ray starts.
+- checkpoint round trip (a resumed trainer takes the same next step); a probe that comes
+  back short falls back to tau_base; a dataset's ``agent_name`` column is refused.
+(The config refusals and the entry command: tests/test_verl_checks.py.)
 """
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,26 +26,14 @@ import torch
 verl = pytest.importorskip("verl", reason="verl is not installed here; .ci/run runs this file in .venv-verl")
 
 import numpy as np  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from verl.trainer import main_ppo  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 
 from agpo.algo.controllers import AGPOController, ControllerConfig  # noqa: E402
-from agpo.integrations.verl.checks import apply_defaults, check_config  # noqa: E402
-from agpo.integrations.verl.config import AGPOVerlConfig  # noqa: E402
+from verl_cpu import verl_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(main_ppo.__file__)), "config")
 P, G, K = 3, 4, 3  # prompts per step, train group, probe group
 VOCAB = ["\\boxed{", "}", " so", " it", " is"] + [str(d) for d in range(10)]
-
-
-def verl_config(*overrides, defaults=True):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=list(overrides))
-    if defaults:
-        apply_defaults(cfg)
-    return cfg
 
 
 def base_overrides(tmp, *more):
@@ -87,6 +74,7 @@ class Rollout:
     def __init__(self, seed):
         self.g = torch.Generator().manual_seed(seed)
         self.calls, self.rows = [], {}
+        self.drop = set()  # (call, prompt, session): a sample that fails (never reaches TransferQueue)
 
     def generate_sequences(self, batch):
         import transfer_queue as tq
@@ -98,6 +86,8 @@ class Rollout:
         for i, uid in enumerate(uids):
             keys, fields, tags = [], [], []
             for s in range(n):
+                if (len(self.calls) - 1, i, s) in self.drop:
+                    continue
                 answer = int(torch.randint(0, 3, (1,), generator=self.g))
                 filler = torch.randint(2, 15, (int(torch.randint(0, 4, (1,), generator=self.g)),), generator=self.g)
                 resp = torch.tensor(answer_ids(answer, filler.tolist()), dtype=torch.long)
@@ -321,8 +311,9 @@ def test_verl_stock_methods_let_the_scalar_win(tq_ray, tmp_path):
     tq.kv_clear(keys=batch.keys, partition_id="train")
 
 
-def test_probe_reuse_pools_probe_rows_and_pads_with_eps_base(tq_ray, tmp_path):
-    cfg = verl_config(*base_overrides(tmp_path, "+agpo.probe_reuse=true"))
+@pytest.mark.parametrize("kind", ["std", "iqr"])
+def test_probe_reuse_pools_probe_rows_and_pads_with_eps_base(tq_ray, tmp_path, kind):
+    cfg = verl_config(*base_overrides(tmp_path, "+agpo.probe_reuse=true", f"+agpo.controller.dispersion={kind}"))
     tr = make_trainer(cfg, seed=3, tq_ray=tq_ray)
     wg, roll = tr.actor_rollout_wg, tr.agent_loop_manager
     c0 = len(wg.calls)
@@ -353,7 +344,7 @@ def test_probe_reuse_pools_probe_rows_and_pads_with_eps_base(tq_ray, tmp_path):
     adv = {k: float(a[0]) for k, a in zip(keys, data["advantages"].unbind())}
     for pu, tu_ in of.items():
         ks = [f"{tu_}_{s}_0" for s in range(G)] + [f"{pu}_{s}_0" for s in range(K)]
-        want = group_advantages(torch.tensor([[roll.rows[k][1] for k in ks]], dtype=torch.float64)).view(-1)
+        want = group_advantages(torch.tensor([[roll.rows[k][1] for k in ks]], dtype=torch.float64), kind).view(-1)
         assert [adv[k] for k in ks] == pytest.approx(want.tolist(), abs=1e-5)
     tq.kv_clear(keys=batch.keys, partition_id=batch.partition_id)
 
@@ -412,115 +403,31 @@ def test_loss_installed_is_agpo_ppo_loss_with_verls_actor_config(tq_ray, tmp_pat
     assert fn.keywords["config"].policy_loss.loss_mode == "agpo"
 
 
-BAD = [
-    (["trainer.v1.trainer_mode=colocate_async"], r"^trainer\.v1\.trainer_mode: 'colocate_async'; an async mode .*: "
-     r"set trainer\.v1\.trainer_mode=agpo_sync$"),
-    (["trainer.v1.trainer_mode=separate_async"], r"^trainer\.v1\.trainer_mode: 'separate_async'; an async mode"),
-    (["trainer.use_v1=false"], r"^trainer\.use_v1: false .* set trainer\.use_v1=true$"),
-    (["actor_rollout_ref.model.use_fused_kernels=true"],
-     r"^actor_rollout_ref\.model\.use_fused_kernels: verl's fused head \(torch\) refuses a per-row temperature; set "
-     r"actor_rollout_ref\.model\.use_fused_kernels=false, or .*impl_backend=agpo"),
-    (["actor_rollout_ref.model.use_fused_kernels=true", "actor_rollout_ref.model.fused_kernel_options.impl_backend=agpo",
-      "trainer.device=npu"],
-     r"^actor_rollout_ref\.model\.fused_kernel_options\.impl_backend=agpo: agpo's head is an FSDP engine for CUDA, "
-     r"here strategy='fsdp' on trainer\.device='npu'; set actor_rollout_ref\.model\.use_fused_kernels=false$"),
-    (["actor_rollout_ref.actor.policy_loss.loss_mode=gspo"],
-     r"^actor_rollout_ref\.actor\.policy_loss\.loss_mode: 'gspo'; .*: set actor_rollout_ref\.actor\.policy_loss\."
-     r"loss_mode=agpo$"),
-    (["algorithm.adv_estimator=grpo"], r"^algorithm\.adv_estimator: 'grpo'; .*: set algorithm\.adv_estimator=agpo$"),
-    (["actor_rollout_ref.rollout.agent.default_agent_loop=tool_agent"],
-     r"^actor_rollout_ref\.rollout\.agent\.default_agent_loop: 'tool_agent'; .*=agpo_single_turn$"),
-    (["algorithm.filter_groups.enable=true"], r"^algorithm\.filter_groups\.enable: .*set algorithm\.filter_groups"
-     r"\.enable=false$"),
-    (["+agpo.probe_size=1"], r"^agpo\.probe_size: expected an int >= 2 or null, got 1"),
-    (["+agpo.bogus=1"], r"^agpo: unknown keys \['bogus'\]"),
-    (["+agpo.controller.tau_bas=1"], "^agpo\\.controller: unk"),
-    (["actor_rollout_ref.rollout.n=1"], r"^actor_rollout_ref\.rollout\.n: 1; AGPO's group statistics need >= 2"),
-]
+def test_a_short_probe_is_a_grpo_step_and_leaves_the_controller(tq_ray, tmp_path):
+    """A probe sample that failed (verl keeps the group sampleable): that step samples at
+    tau_base and clips at eps_base, as agpo.train does with unusable probe statistics; the
+    temperature controller's state does not move, and the next step is AGPO again."""
+    tr = make_trainer(verl_config(*base_overrides(tmp_path)), seed=11, tq_ray=tq_ray)
+    roll, wg = tr.agent_loop_manager, tr.actor_rollout_wg
+    roll.drop = {(0, 1, 0)}  # the first call is step 1's probe: prompt 1 loses its first sample
+    before = tr.controller.state_dict()
+    _, metrics = run_step(tr)
+    assert roll.calls[1]["temps"] == [1.0] * P and metrics["probe/unusable"] == 1.0 and metrics["eps/unusable"] == 1.0
+    upd = [c for c in wg.calls if c["what"] == "update_actor"][0]
+    assert upd["eps"] == pytest.approx([0.2] * len(upd["eps"]))
+    after = tr.controller.state_dict()
+    assert (after["baseline"], after["probe_steps"], after["clip_steps"]) == (
+        before["baseline"], before["probe_steps"], before["clip_steps"])
+    _, metrics = run_step(tr)  # a whole probe again: the controllers act
+    assert "probe/unusable" not in metrics and tr.controller.state_dict()["probe_steps"] == 1
 
 
-@pytest.mark.parametrize("overrides, message", BAD)
-def test_check_config_refuses_with_one_line(overrides, message):
-    cfg = verl_config("actor_rollout_ref.rollout.n=4", *overrides)
-    with pytest.raises(ValueError) as err:
-        check_config(cfg)
-    text = str(err.value)
-    assert "\n" not in text
-    assert __import__("re").search(message, text), text
+def test_a_dataset_agent_name_column_is_refused(tq_ray, tmp_path):
+    """verl prefers a prompt's agent_name column to default_agent_loop: another loop would
+    sample at the rollout's temperature what the trainer scores at tau[p]."""
+    tr = make_trainer(verl_config(*base_overrides(tmp_path)), seed=0, tq_ray=tq_ray)
+    rows = prompts()
+    tr.train_dataloader_it = ({**b, "agent_name": np.array(["tool_agent"] * P, dtype=object)} for b in rows)
+    with pytest.raises(ValueError, match=r"^data: the prompts' agent_name column asks for \['tool_agent'\]; .*drop"):
+        tr.prepare_step()
 
-
-def test_check_config_accepts_the_defaults_and_names_a_wrong_verl(monkeypatch):
-    check_config(verl_config("actor_rollout_ref.rollout.n=4", "actor_rollout_ref.model.use_fused_kernels=true",
-                             "actor_rollout_ref.model.fused_kernel_options.impl_backend=agpo"))  # agpo's head: fine
-    cfg = verl_config("actor_rollout_ref.rollout.n=4", "+agpo.probe_size=3", "+agpo.controller.tau_base=0.9")
-    agpo = check_config(cfg)
-    assert agpo.probe_size == 3 and agpo.controller.tau_base == 0.9 and agpo.group_sizes(4) == (4, 3)
-    assert AGPOVerlConfig.from_config(verl_config("actor_rollout_ref.rollout.n=4")) == AGPOVerlConfig()
-    monkeypatch.setattr(verl, "__version__", "0.10.0")
-    with pytest.raises(RuntimeError, match=r"^verl 0\.10\.0 is installed; .* pinned to 0\.9\.1: pip install"):
-        check_config(cfg)
-
-
-def test_check_config_names_a_missing_plugin(monkeypatch):
-    from verl.trainer.ppo import core_algos
-
-    monkeypatch.delitem(core_algos.POLICY_LOSS_REGISTRY, "agpo")
-    with pytest.raises(RuntimeError, match=r"^verl has no 'agpo' policy loss: the verl.plugins entry point of agpo was "
-                                           r"not loaded; pip install -e \."):
-        check_config(verl_config("actor_rollout_ref.rollout.n=4"))
-
-
-def test_apply_defaults_sets_only_verls_defaults():
-    cfg = verl_config("algorithm.adv_estimator=grpo", defaults=False)
-    made = apply_defaults(cfg)
-    assert "algorithm.adv_estimator=agpo" not in made and cfg.algorithm.adv_estimator == "grpo"
-    assert cfg.trainer.v1.trainer_mode == "agpo_sync" and cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "agpo"
-    assert cfg.actor_rollout_ref.rollout.agent.default_agent_loop == "agpo_single_turn"
-
-
-ENTRY_REFUSALS = [  # (argv, the one line on stderr)
-    (["trainer.v1.trainer_mode=separate_async"],
-     "agpo.verl: trainer.v1.trainer_mode: 'separate_async'; an async mode samples the next batch while the last "
-     "trains, and AGPO's temperatures need this step's probe first: set trainer.v1.trainer_mode=agpo_sync"),
-    (["actor_rollout_ref.rollout.n=4", "actor_rollout_ref.model.path=/nonexistent/qwen"],
-     "agpo.verl: actor_rollout_ref.model.path: /nonexistent/qwen does not exist; point it at a local model folder "
-     "(docs/verl.md)"),
-    (["actor_rollout_ref.rollout.n=4", "actor_rollout_ref.model.path=Qwen/Qwen2.5-0.5B",
-      "data.train_files=./no/train.parquet"],
-     "agpo.verl: data.train_files: ./no/train.parquet does not exist; point it at a local parquet file "
-     "(docs/verl.md)"),
-    (["missing.yaml"], "agpo.verl: CONFIG: {root}/missing.yaml is not a file; pass a Hydra config such as "
-     "examples/verl/agpo_trainer.yaml, or overrides alone"),
-    (["actor_rollout_ref.actor.no_such_key=1"], "agpo.verl: Could not override 'actor_rollout_ref.actor.no_such_key'."),
-]
-
-
-def test_entry_refuses_before_ray_starts():
-    """``python -m agpo.verl`` with what AGPO cannot run: one line on stderr, exit 2, no Ray."""
-    code = ("import contextlib, io, json, sys, ray\nfrom agpo.verl import main\nout = []\n"
-            f"for argv in {[a for a, _ in ENTRY_REFUSALS]!r}:\n"
-            "    err = io.StringIO()\n    with contextlib.redirect_stderr(err):\n        rc = main(argv)\n"
-            "    out.append([rc, [x for x in err.getvalue().splitlines() if x.startswith('agpo.verl:')]])\n"
-            "print(json.dumps({'ray': ray.is_initialized(), 'runs': out}))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = __import__("json").loads(out.stdout.strip().splitlines()[-1])
-    assert got["ray"] is False
-    for (argv, line), (rc, lines) in zip(ENTRY_REFUSALS, got["runs"]):
-        assert rc == 2 and len(lines) == 1, (argv, lines)
-        assert lines[0].startswith(line.format(root=ROOT)), (argv, lines[0])
-
-
-def test_entry_task_runner_is_verls_with_the_trainer_registered():
-    """The entry's task runner is verl's V1 runner class, and the trainer module registers
-    ``agpo_sync`` in verl's registry."""
-    from verl.trainer.main_ppo import TaskRunnerV1
-    from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls
-
-    from agpo.integrations.verl.trainer import AGPOTrainer
-    from agpo.verl import _task_runner
-
-    runner = _task_runner()
-    assert issubclass(runner.__ray_actor_class__, TaskRunnerV1.__ray_actor_class__)
-    assert get_trainer_cls("agpo_sync") is AGPOTrainer and issubclass(AGPOTrainer, PPOTrainerSync)

@@ -5,7 +5,8 @@ registers a ``cpu`` platform and selects it, and points verl's engine lookup at 
 (agpo's subclass where the plugin is installed). What the engine's forward runs on is
 plain CPU torch; nothing here touches verl's math.
 
-Also: ``tiny_qwen2(folder)`` writes a 2-layer Qwen2 (random init, fp32) to a folder, and
+Also: ``verl_config(*overrides)`` composes verl's own ``ppo_trainer`` config (AGPO's
+defaults applied unless ``defaults=False``); ``tiny_qwen2(folder)`` writes a 2-layer Qwen2 (random init, fp32) to a folder, and
 ``engine(folder, ...)`` builds verl's engine on it with sdpa attention and fp32 mixed
 precision (the defaults, flash-attention-2 and bf16 autocast, have no CPU path here)."""
 
@@ -155,3 +156,18 @@ def engine(folder, *, agpo: bool, remove_padding: bool = True, dynamic_bsz: bool
         e = EngineRegistry.new(model_type="language_model", backend="fsdp2", **kw)
     e.initialize()
     return e
+
+
+def verl_config(*overrides, defaults: bool = True):
+    """verl 0.9.1's ``ppo_trainer`` config with Hydra ``overrides``, AGPO's defaults applied."""
+    from hydra import compose, initialize_config_dir
+    from verl.trainer import main_ppo
+
+    from agpo.integrations.verl.checks import apply_defaults
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(main_ppo.__file__)), "config")
+    with initialize_config_dir(config_dir=folder, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=list(overrides))
+    if defaults:
+        apply_defaults(cfg)
+    return cfg

@@ -34,16 +34,18 @@ args=(
     actor_rollout_ref.actor.use_dynamic_bsz=true actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384
     actor_rollout_ref.actor.use_kl_loss=true actor_rollout_ref.actor.kl_loss_coef=0.01
     actor_rollout_ref.actor.kl_loss_type=low_var_kl actor_rollout_ref.actor.entropy_coeff=0
+    # verl's own head holds [tokens x 152k] logits: 16k tokens per GPU per pass, entropy in chunks
+    actor_rollout_ref.actor.entropy_from_logits_with_chunking=true
     actor_rollout_ref.actor.fsdp_config.param_offload=false
     actor_rollout_ref.actor.fsdp_config.optimizer_offload=false
     actor_rollout_ref.ref.fsdp_config.param_offload=true
-    actor_rollout_ref.ref.log_prob_use_dynamic_bsz=true actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=32768
+    actor_rollout_ref.ref.log_prob_use_dynamic_bsz=true actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=16384
     # the rollout: vLLM, each request at its prompt's temperature (agent loop agpo_single_turn)
     actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.n="$GROUP"
     actor_rollout_ref.rollout.tensor_model_parallel_size=4
     actor_rollout_ref.rollout.gpu_memory_utilization=0.5
     actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=true
-    actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=32768
+    actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=16384
     # AGPO
     agpo.probe_size="$PROBE"
     # the run

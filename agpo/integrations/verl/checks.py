@@ -19,8 +19,15 @@ breaks AGPO:
 - a policy loss, estimator or agent loop other than agpo's (the per-row clip range reaches
   only the ``agpo`` loss, the advantages are agpo's, the per-prompt temperature reaches the
   server only through ``agpo_single_turn``);
-- DAPO's group filter (``algorithm.filter_groups``): it would evict probe groups and refill
-  with prompts that have no temperature;
+- DAPO's group filter (``algorithm.filter_groups``), the replay buffer's refill of failed
+  groups (``trainer.v1.sampler.sync_refill_failed_groups``) and a custom sampler: they would
+  evict probe groups or refill with prompts that have no temperature;
+- rollout correction's bypass mode (``algorithm.rollout_correction.bypass_mode``): the old
+  log-probs would be the rollout engine's, and the step KL that feeds the clip controller
+  would measure the engine mismatch as well as the update;
+- verl's on-policy distillation (its loss replaces the one that carries the clip range), and
+  an ``algorithm.agpo`` block (the estimator's settings on this trainer are
+  ``agpo.controller.dispersion`` and ``adv_floor``);
 - a malformed ``agpo:`` block or a group size below 2.
 
 ``check_paths(config)`` (the command line's, as the driver's files are the ones it can see)
@@ -106,6 +113,16 @@ def check_config(config) -> AGPOVerlConfig:
     if _get(config, "algorithm.filter_groups.enable", False):
         raise ValueError("algorithm.filter_groups.enable: DAPO's filter would evict AGPO's probe groups and refill "
                          "with prompts that have no temperature: set algorithm.filter_groups.enable=false")
+    for path, fix in (("trainer.v1.sampler.sync_refill_failed_groups", "=false"),
+                      ("trainer.v1.sampler.custom_sampler.path", "=null"),
+                      ("algorithm.rollout_correction.bypass_mode", "=false"),
+                      ("distillation.enabled", "=false")):
+        if _get(config, path, None) not in (None, False):
+            raise ValueError(f"{path}: {_get(config, path)!r}; the AGPO trainer does not run with it "
+                             f"(agpo/integrations/verl/checks.py says why): set {path}{fix}")
+    if _get(config, "algorithm.agpo", None) is not None:
+        raise ValueError("algorithm.agpo: the AGPO trainer's advantages take agpo.controller.dispersion and "
+                         "agpo.controller.adv_floor: move the settings there")
     agpo = AGPOVerlConfig.from_config(config)
     agpo.group_sizes(_get(config, "actor_rollout_ref.rollout.n"))
     return agpo

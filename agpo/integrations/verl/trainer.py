@@ -38,6 +38,7 @@ and comes back on resume. Metrics use agpo.train's names where they exist (``tau
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import uuid
@@ -55,8 +56,12 @@ from verl.workers.utils.padding import response_from_nested
 
 from agpo.algo.controllers import AGPOController, step_kl
 from agpo.integrations.verl.checks import TRAINER_NAME, check_config
+from agpo_kernels.integrations.verl.advantages import settings as advantage_settings
+from agpo_kernels.integrations.verl.agent_loop import NAME as AGENT_LOOP
 from agpo_kernels.integrations.verl.agent_loop import TEMPERATURE_KEY
 from agpo_kernels.integrations.verl.losses import ROW_EPS_KEY, agpo_ppo_loss
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "agpo_controller.pt"
 """What the AGPO trainer adds to verl's ``global_step_N`` checkpoint folder."""
@@ -108,6 +113,7 @@ class AGPOTrainer(PPOTrainerSync):
         self.agpo_tau: dict[str, float] = {}     # train uid -> its temperature
         self.agpo_probe_of: dict[str, str] = {}  # reused probe uid -> the prompt's train uid
         self._probe_meta: KVBatchMeta | None = None
+        self._probe_usable = True                # this step's probe gave finite statistics for every prompt
         self.agpo_tokens = {"probe": 0, "train": 0}
         super().__init__(config)
 
@@ -126,6 +132,12 @@ class AGPOTrainer(PPOTrainerSync):
 
     # -- the probe and the submissions ----------------------------------------------------
     def _submit_phase(self, prompts: TensorDict, uids: list[str], n: int, tau: torch.Tensor) -> None:
+        if "agent_name" in prompts.keys():  # a dataset column verl prefers to default_agent_loop
+            names = {str(x) for x in prompts["agent_name"]}
+            if names != {AGENT_LOOP}:
+                raise ValueError(f"data: the prompts' agent_name column asks for {sorted(map(str, names))}; AGPO's "
+                                 f"per-prompt temperature reaches the server only through {AGENT_LOOP!r}: drop the "
+                                 "column from the dataset")
         batch = prompts.clone()
         tu.assign_non_tensor_stack(batch, "uid", list(uids))
         tu.assign_non_tensor_data(batch, "__rollout_n__", int(n))
@@ -145,14 +157,22 @@ class AGPOTrainer(PPOTrainerSync):
             if self.reward_loop_manager.reward_loop_worker_handles is None:
                 meta = self._compute_reward_colocate(meta, metrics=m)
             rewards, texts, tokens = self._read_probe(meta, probe_uids)
-            tau = self.controller.probe_step(rewards, texts, extract=self.agpo.vote_extract)
             self.agpo_tokens["probe"] += tokens
             m["tokens/generated_probe"] = float(tokens)
-            m.update({"probe/reward_mean": float(rewards.mean()),
-                      "probe/zero_std_frac": float((rewards.std(1) < 1e-12).double().mean()),
-                      "probe/vote_entropy": self.controller.metrics().get("probe/entropy", math.nan)})
+            tau = None
+            if rewards is not None and bool(torch.isfinite(rewards).all()):
+                tau = self.controller.probe_step(rewards, texts, extract=self.agpo.vote_extract)
+                m.update({"probe/reward_mean": float(rewards.mean()),
+                          "probe/zero_std_frac": float((rewards.std(1) < 1e-12).double().mean()),
+                          "probe/vote_entropy": self.controller.metrics().get("probe/entropy", math.nan)})
+            self._probe_usable = tau is not None and bool(torch.isfinite(tau).all())
+            if not self._probe_usable:  # no usable probe: a GRPO step (tau_base, eps_base), as agpo.train
+                logger.warning("AGPO step %s: the probe came back incomplete or non-finite; this step samples at "
+                               "tau_base and clips at eps_base", self.global_steps)
+                tau = torch.full((P,), cfg.tau_base)
+                m["probe/unusable"] = 1.0
         else:  # plain GRPO: no probe
-            tau, meta = torch.full((P,), cfg.tau_base), None
+            tau, meta, self._probe_usable = torch.full((P,), cfg.tau_base), None, True
         train_uids = [uuid.uuid4().hex for _ in range(P)]  # no "_": verl's keys are uid_session_index
         if meta is not None and self.agpo.probe_reuse:
             self._probe_meta = meta
@@ -165,8 +185,9 @@ class AGPOTrainer(PPOTrainerSync):
         m.update(_stats("tau", tau))
         return m
 
-    def _read_probe(self, meta: KVBatchMeta, uids: list[str]) -> tuple[torch.Tensor, list[list[str]], int]:
-        """``(rewards [P, k], P lists of k texts, generated tokens)`` of the probe, prompt order."""
+    def _read_probe(self, meta: KVBatchMeta, uids: list[str]):
+        """``(rewards [P, k], P lists of k texts, generated tokens)`` of the probe, prompt order;
+        rewards and texts None when a prompt came back short (a failed session)."""
         data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=["rm_scores", "responses"])
         scores, responses = data["rm_scores"].unbind(), data["responses"].unbind()
         last: dict[tuple[str, int], tuple[int, int]] = {}  # (uid, session) -> (output index, row): the final output
@@ -180,12 +201,17 @@ class AGPOTrainer(PPOTrainerSync):
         rewards, texts, tokens = [], [], 0
         for uid in uids:
             rows = groups.get(uid, [])
+            tokens += sum(int(responses[r].numel()) for r in rows)
             if len(rows) != self.probe_size:
-                raise RuntimeError(f"probe: prompt {uid} came back with {len(rows)} of {self.probe_size} samples (a "
-                                   "failed rollout); AGPO's probe statistics need every sample: see the rollout logs")
+                logger.warning("probe: prompt %s came back with %d of %d samples (a failed rollout)", uid, len(rows),
+                               self.probe_size)
+                rewards = None
+            if rewards is None:
+                continue
             rewards.append([float(scores[r].sum()) for r in rows])
             texts.append([self.tokenizer.decode(responses[r].tolist(), skip_special_tokens=True) for r in rows])
-            tokens += sum(int(responses[r].numel()) for r in rows)
+        if rewards is None:
+            return None, None, tokens
         return torch.tensor(rewards, dtype=torch.float64), texts, tokens
 
     # -- the step ---------------------------------------------------------------------------
@@ -272,6 +298,11 @@ class AGPOTrainer(PPOTrainerSync):
     def _update_actor(self, batch, metrics):
         return super()._update_actor(self._guard(batch), metrics)
 
+    def _compute_advantage(self, batch, metrics):
+        cfg = self.agpo.controller  # the estimator "agpo" with the controller's dispersion and floor
+        with advantage_settings(cfg.dispersion, cfg.adv_floor):
+            return super()._compute_advantage(batch, metrics)
+
     def _score(self, batch: KVBatchMeta, extra_info: dict, field: str) -> dict[str, torch.Tensor]:
         """One ``compute_log_prob`` pass; ``field`` (response-aligned) of the train rows, by uid."""
         meta = KVBatchMeta(partition_id=batch.partition_id, keys=list(batch.keys), tags=list(batch.tags),
@@ -302,7 +333,12 @@ class AGPOTrainer(PPOTrainerSync):
         else:
             info = RowTemperatureInfo(calculate_entropy=True, compute_loss=False)
         entropy = self._group_means(self._score(batch, info, "entropy"), lambda v, o: v)
-        eps = self.controller.clip_step(entropy)
+        usable = bool(torch.isfinite(entropy).all()) and (self._probe_usable or not cfg.adaptive_clip)
+        if usable:
+            eps = self.controller.clip_step(entropy)
+        else:  # no usable probe or entropy: eps_base, the controller untouched (agpo.train does the same)
+            eps = torch.full((len(self.agpo_order),), cfg.eps_base, dtype=torch.float64)
+            metrics["eps/unusable"] = 1.0
         by_uid = dict(zip(self.agpo_order, eps.tolist()))
         rows = torch.tensor([by_uid.get(self._row_group(k), cfg.eps_base) for k in batch.keys], dtype=torch.float32)
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,

@@ -5,12 +5,16 @@ index (the prompt's ``uid`` per row); this one takes each row's outcome reward (
 token-level rewards), forms ``agpo.algo.stats.group_advantages`` over the rows of each uid
 (``(r - mean) / max(std, floor)``, all-equal groups 0; docs/algorithm.md#advantages) and
 spreads it over the row's response tokens. Returns ``(advantages, returns)`` as verl's
-outcome estimators do (returns = advantages). The dispersion and floor come from
-``algorithm.agpo`` in the config when given (``dispersion``, ``adv_floor``), else agpo's
-defaults.
+outcome estimators do (returns = advantages). The dispersion and floor: the AGPO trainer's
+(its ``agpo.controller``, set around verl's advantage step with ``settings``); else
+``algorithm.agpo`` in the config when given (``dispersion``, ``adv_floor``: the estimator used
+alone); else agpo's defaults.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
@@ -19,7 +23,22 @@ from agpo.algo.controllers import ControllerConfig
 from agpo.algo.stats import group_advantages
 
 
+_SETTINGS: contextvars.ContextVar = contextvars.ContextVar("agpo_advantage_settings", default=None)
+
+
+@contextlib.contextmanager
+def settings(dispersion: str, adv_floor: float):
+    """The estimator's dispersion and floor inside the block (the AGPO trainer's controller's)."""
+    token = _SETTINGS.set((str(dispersion), float(adv_floor)))
+    try:
+        yield
+    finally:
+        _SETTINGS.reset(token)
+
+
 def _settings(config) -> tuple[str, float]:
+    if _SETTINGS.get() is not None:
+        return _SETTINGS.get()
     default = ControllerConfig()
     block = None
     if config is not None:

@@ -20,9 +20,11 @@ from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentL
 
 TEMPERATURE_KEY = "agpo_temperature"
 """The prompt-row field with the row's sampling temperature."""
+NAME = "agpo_single_turn"
+"""The agent loop's name in verl's registry."""
 
 
-@register("agpo_single_turn")
+@register(NAME)
 class AGPOSingleTurnAgentLoop(SingleTurnAgentLoop):
     """``SingleTurnAgentLoop`` whose request takes the row's ``agpo_temperature``."""
 

@@ -8,10 +8,10 @@ entropy, a softmax).
 
 How: ``AGPOFSDPEngineWithLMHead`` subclasses verl's ``FSDPEngineWithLMHead`` and is
 registered under the ``("cuda", "nvidia")`` key of verl's engine registry, which
-``EngineRegistry.get_engine_cls`` prefers to the plain ``"cuda"`` key (ROCm falls back to
-it too). Whenever the plugin is installed it is the FSDP/FSDP2 language-model engine on
-those devices, so it stays verl's engine line for line unless asked with
-``impl_backend=agpo``: the model's output-embedding module (``lm_head``) gets a forward
+``EngineRegistry.get_engine_cls`` prefers to the plain ``"cuda"`` key (NVIDIA only: other
+CUDA-compatible vendors get verl's own engine). Whenever the plugin is installed it is the
+FSDP/FSDP2 language-model engine on NVIDIA GPUs, so it stays verl's engine line for line
+unless asked with ``impl_backend=agpo``: the model's output-embedding module (``lm_head``) gets a forward
   that, while the engine has a request pending, returns ``[..., 2]`` "logits": the
   log-prob of the engine's (rolled) label and the entropy, at the engine's per-token
   temperatures. The head is still called from inside the model's own forward and its
@@ -25,7 +25,9 @@ values, read as verl's non-fused path reads it. (Keeping verl's V1 trainer from 
 scalar over a per-row tensor is the AGPO trainer's job: ``agpo.integrations.verl.trainer``.)
 
 Not supported with ``impl_backend=agpo`` (each refused with a message): verl's top-k
-distillation and ``calculate_sum_pi_squared``, which need the whole logits.
+distillation and ``calculate_sum_pi_squared``, which need the whole logits; models whose
+forward changes the logits after the head (Gemma2's soft-capping, Cohere's and Granite's
+logit scales), which would transform the two columns instead.
 """
 
 from __future__ import annotations
@@ -75,6 +77,20 @@ def _agpo_head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     return dense.masked_scatter(request.rows.unsqueeze(-1), stats)
 
 
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+"""Model-config attributes (and their no-op values) of forwards that transform the head's output."""
+
+
+def check_head_model(config) -> None:
+    """Raises ``NotImplementedError`` for a model (its HF config) whose forward transforms the
+    head's output: there it would transform the log-prob and entropy columns instead."""
+    for attr, noop in LOGIT_TRANSFORMS.items():
+        value = getattr(config, attr, noop)
+        if value is not None and value != noop:
+            raise NotImplementedError(f"impl_backend={AGPO_BACKEND}: this model's forward changes the logits after "
+                                      f"its head ({attr}={value}); set use_fused_kernels=false")
+
+
 def _refuse(micro_batch, key: str, why: str) -> None:
     if tu.get_non_tensor_data(data=micro_batch, key=key, default=False):
         raise NotImplementedError(f"{key}=True with fused_kernel_options.impl_backend={AGPO_BACKEND}: {why}; "
@@ -95,6 +111,7 @@ class AGPOFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     def _build_module(self):
         module = super()._build_module()
         if self.agpo_head:
+            check_head_model(module.config)
             head = module.get_output_embeddings()
             if not isinstance(head, torch.nn.Linear):
                 raise NotImplementedError(f"impl_backend={AGPO_BACKEND} needs the model's output embeddings to be a "
