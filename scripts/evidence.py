@@ -9,7 +9,10 @@ numbers), 4 update epochs, a constant learning rate and the same budget of gener
 tokens with the probe's counted. Arms (``ARMS``): AGPO; GRPO with groups of 2G (the
 primary control: the same tokens and updates); GRPO with groups of G (twice the steps);
 GRPO at AGPO's realised mean eps; AGPO training on its probe; AGPO whose probe filters
-prompts. ``run`` skips runs already finished (rerun it to continue) and runs ``--jobs``
+prompts; GRPO 2G with AGPO's clip fed by the train group's own statistics (no probe, every
+sample at tau_base); GRPO 2G with a clip from the pass count alone (the difficulty-schedule
+baseline: ``--clip-inputs rewards``). Seed 0 of every arm also writes ``groups.jsonl``
+(``--dump-groups``: per step and prompt, pass counts, sigma, k, E, tau, eps). ``run`` skips runs already finished (rerun it to continue) and runs ``--jobs``
 at a time with one thread each; arguments after ``--`` go to every ``agpo.train``.
 ``report`` compares each arm with GRPO-2G seed by seed: paired differences of held-out
 accuracy at four equal-token points with 95% t intervals and a sign-flip permutation test;
@@ -39,6 +42,11 @@ ARMS = {  # name -> (label, agpo.train flags, --eval-every)
     "grpo16-eps": ("GRPO 2G at AGPO's mean eps", ["--algo", "grpo", "--group-size", "16"], 10),
     "agpo-reuse": ("AGPO + probe reuse", ["--algo", "agpo", "--group-size", "8", "--probe-reuse"], 10),
     "agpo-filter": ("AGPO + probe filter", ["--algo", "agpo", "--group-size", "8", "--probe-filter"], 10),
+    "grpo16-trainclip": ("GRPO 2G, AGPO's clip from the train group (no probe)",
+                         ["--algo", "grpo", "--group-size", "16", "--adaptive-clip", "--clip-from-train"], 10),
+    "grpo16-passclip": ("GRPO 2G, clip from the pass count alone",
+                        ["--algo", "grpo", "--group-size", "16", "--adaptive-clip", "--clip-from-train",
+                         "--clip-inputs", "rewards"], 10),
 }
 PRIMARY = ("agpo", "grpo16")
 """Run for every seed (``--seeds``); the other arms for the first ``--extra-seeds``."""
@@ -76,6 +84,8 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log) -
     flags = list(ARMS[arm][1])
     if arm == "grpo16-eps":
         flags += ["--eps-base", str(realised_eps(out))]
+    if seed == 0:  # what the controllers saw and chose, for one seed
+        flags += ["--dump-groups"]
     cmd = [sys.executable, "-m", "agpo.train", *COMMON, *flags, "--eval-every", str(ARMS[arm][2]),
            "--token-budget", str(budget), "--seed", str(seed), "--out-dir", str(d), *extra]
     d.parent.mkdir(parents=True, exist_ok=True)

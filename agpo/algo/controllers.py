@@ -66,6 +66,7 @@ from agpo.algo.stats import (
 
 Extract = Callable[[str], str] | None
 ENTROPY_TEMPERATURES = ("one", "score")
+CLIP_INPUTS = ("all", "rewards")
 NEGATIVE_ENTROPY_TOL = 1e-4
 """Entropies in [-tol, 0) are rounding (fp32 ``lse - sum p z``) and read as 0; below: error."""
 
@@ -140,6 +141,11 @@ class ControllerConfig:
     own entropy, whatever temperature the group was sampled and scored at) or 'score' (the
     scoring temperature of the loss: with --score-temperature sample, a hot group's H is
     inflated by its temperature)."""
+    clip_inputs: str = "all"
+    """What the adaptive clip reads: 'all' (the paper's: reward dispersion and skew, vote
+    entropy, policy-entropy ratio, step KL) or 'rewards' (the group's reward dispersion and
+    skew alone, eps = eps_base / (1 + alpha_var sigma + zeta_skew |k|), same clamps: with 0/1
+    rewards a function of the pass count k/G, the difficulty-schedule baseline)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -147,13 +153,15 @@ class ControllerConfig:
             if f.type in ("bool", bool):
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name}: expected a bool, got {value!r}")
-            elif f.name not in ("dispersion", "vote_keys", "entropy_temperature"):
+            elif f.name not in ("dispersion", "vote_keys", "entropy_temperature", "clip_inputs"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"{f.name}: expected a finite number, got {value!r}")
         if self.dispersion not in DISPERSIONS:
             raise ValueError(f"dispersion: expected one of {DISPERSIONS}, got {self.dispersion!r}")
         if self.vote_keys not in VOTE_KEYS:
             raise ValueError(f"vote_keys: expected one of {tuple(VOTE_KEYS)}, got {self.vote_keys!r}")
+        if self.clip_inputs not in CLIP_INPUTS:
+            raise ValueError(f"clip_inputs: expected one of {CLIP_INPUTS}, got {self.clip_inputs!r}")
         if self.entropy_temperature not in ENTROPY_TEMPERATURES:
             raise ValueError(f"entropy_temperature: expected one of {ENTROPY_TEMPERATURES}, "
                              f"got {self.entropy_temperature!r}")
@@ -260,6 +268,9 @@ def adaptive_clip(sigma: float, skew: float, entropy: float, h: float, step_kl_e
     """docs/algorithm.md#adaptive-clip: eps of one group from its probe stats, ``h`` and ``S``; ``eps_base`` if off."""
     if not cfg.adaptive_clip:
         return cfg.eps_base
+    if cfg.clip_inputs == "rewards":  # the reward statistics alone: no entropy, ratio or drift
+        return _clamp(cfg.eps_base / (1.0 + cfg.alpha_var * sigma + cfg.zeta_skew * abs(skew)), cfg.eps_min,
+                      cfg.eps_max)
     denom = 1.0 + cfg.alpha_var * sigma + cfg.gamma_stepkl * step_kl_ema + cfg.zeta_skew * abs(skew)
     eps = cfg.eps_base * h * (1.0 + cfg.delta_probe_entropy * entropy) / denom
     return _clamp(eps, cfg.eps_min, cfg.eps_max)

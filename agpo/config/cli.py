@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import fields
 
-from agpo.algo.controllers import ENTROPY_TEMPERATURES
+from agpo.algo.controllers import CLIP_INPUTS, ENTROPY_TEMPERATURES
 from agpo.algo.recipes import RECIPES
 from agpo.algo.stats import DISPERSIONS, VOTE_KEYS
 from agpo.config.sections import (
@@ -58,6 +58,7 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("controller", "dispersion"): DISPERSIONS,
     ("controller", "vote_keys"): tuple(VOTE_KEYS),
     ("controller", "entropy_temperature"): ENTROPY_TEMPERATURES,
+    ("controller", "clip_inputs"): CLIP_INPUTS,
     ("run", "algo"): ALGOS,
     ("run", "recipe"): tuple(RECIPES),
     ("guard", "reward_errors"): REWARD_ERRORS,

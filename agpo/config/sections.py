@@ -102,6 +102,11 @@ class RolloutConfig:
     """Skip the train group of a prompt whose probe rewards are all equal (AGPO): its train
     group would most likely be all-equal too, with zero advantage. The skipped share is
     logged as probe/skipped_frac; every rank keeps at least one prompt."""
+    clip_from_train: bool = False
+    """No probe group: the adaptive clip reads the train group's own statistics (reward
+    dispersion and skew, vote entropy), measured after it is sampled, and every sample is
+    drawn at tau_base (so the temperature controller must be off: --no-adaptive-temp, or
+    --algo grpo --adaptive-clip)."""
     max_new_tokens: int | None = None
     """Completion cap (None: the preset's)."""
     top_p: float = 1.0
@@ -318,6 +323,9 @@ class RunConfig:
     """Held-out problems evaluated before and after RL (0: no evaluation)."""
     eval_every: int = 0
     """Also evaluate every k steps (0: only before and after)."""
+    dump_groups: bool = False
+    """Write groups.jsonl to the run directory: per step and prompt, the train and probe pass
+    counts, the statistics the controllers read (sigma, k, E), tau and eps."""
     eval_max_new_tokens: int | None = None
     """Completion cap of the held-out evaluation (None: --max-new-tokens, the rollouts' cap)."""
     progress: bool = True
@@ -379,6 +387,14 @@ class TrainConfig:
         if used and not self.controller.needs_probe:
             raise ConfigError(f"{', '.join(used)}: GRPO draws no probe group; use --algo agpo (or switch a "
                               "controller on)")
+        if r.clip_from_train:
+            if used:
+                raise ConfigError(f"--clip-from-train draws no probe group, so {', '.join(used)} has nothing to act "
+                                  "on: drop one of them")
+            if self.controller.adaptive_temp or not self.controller.adaptive_clip:
+                raise ConfigError("--clip-from-train: the clip reads the train group's statistics, and the "
+                                  "temperature would need them before that group is sampled: use --adaptive-clip "
+                                  "with --no-adaptive-temp (e.g. --algo grpo --adaptive-clip --clip-from-train)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from agpo.config import ConfigError, TrainConfig
+from agpo.learn.metrics import GROUPS_FILE, keep_group_rows
 from agpo.learn.policy import Policy
 from agpo.learn.preflight import preflight, remove_run_files
 from agpo.learn.sft import supervised_warmup
@@ -251,6 +252,8 @@ def run(cfg: TrainConfig) -> dict:
         return trainer.save_checkpoint(out, extra, keep=cfg.run.keep_checkpoints)
 
     r = cfg.run
+    if r.dump_groups and env.is_main:  # a resumed run continues the file from its checkpoint's step
+        keep_group_rows(out / GROUPS_FILE, trainer.step_count if saved else 0)
     with MetricsLogger(out, total_steps=r.steps, progress=r.progress, tensorboard=r.tensorboard, enabled=env.is_main,
                        resume_step=trainer.step_count if saved else None) as log, Preemption() as preempt, \
             contextlib.closing(trainer):  # the rollout engine is shut down however the run ends
@@ -270,6 +273,9 @@ def run(cfg: TrainConfig) -> dict:
             if r.eval_every and step % r.eval_every == 0 and eval_problems:
                 metrics["eval/accuracy"] = trainer.evaluate(eval_problems)["accuracy"]
             log.log(step, metrics)
+            if r.dump_groups and env.is_main:
+                with open(out / GROUPS_FILE, "a") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in trainer.last_groups)
             trainer.guard.check(step, last_checkpoint_name(out))  # too many non-finite steps in a row
             in_streak = trainer.guard.skipped_in_a_row > 0  # keep the last checkpoint from before it
             if (r.save_every and step % r.save_every == 0 and not in_streak) or step == r.stop_after:

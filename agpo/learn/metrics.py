@@ -1,10 +1,14 @@
 """The step's metric helpers: which metric keys depend on the machine or count verifier
 calls, and the per-group statistics a step logs: token means per group (the clip
-controller's entropy, the step KL), a controller output's spread over the groups, and the
-share of groups pinned at a controller's clamp (a controller there has stopped responding).
+controller's entropy, the step KL), a controller output's spread over the groups, the
+share of groups pinned at a controller's clamp (a controller there has stopped responding),
+and the per-group rows of ``--dump-groups`` (what the controllers saw and chose).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -41,3 +45,41 @@ def clamp_shares(tau: torch.Tensor, eps: torch.Tensor, c) -> dict[str, float]:
     at = lambda t, v: float((t.double() - v).abs().le(1e-6 * max(1.0, abs(v))).double().mean())
     return {"tau/at_max": at(tau, c.tau_max), "tau/at_min": at(tau, c.tau_min),
             "eps/at_max": at(eps, c.eps_max), "eps/at_min": at(eps, c.eps_min)}
+
+
+GROUPS_FILE = "groups.jsonl"
+"""``--dump-groups``: one JSON row per step and group, in the run directory."""
+
+
+def group_rows(step: int, train_rewards: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, keep: torch.Tensor,
+               probe_rewards: torch.Tensor | None, stats) -> list[dict]:
+    """One row per prompt of a step: its train group's pass count (rewards > 0; None when the
+    prompt got no train group), the probe's, the statistics the controllers read (reward
+    dispersion ``sigma``, skew ``k``, vote entropy ``E``: the probe's, or the train group's
+    with ``--clip-from-train``; None without either), its tau and eps (None: not trained)."""
+    kept = keep.nonzero().view(-1).tolist()
+    where = {p: i for i, p in enumerate(kept)}
+    rows = []
+    for p in range(keep.shape[0]):
+        i = where.get(p)
+        row = {"step": step, "group": p, "train_pass": None if i is None else int((train_rewards[i] > 0).sum()),
+               "train_size": int(train_rewards.shape[1]),
+               "probe_pass": None if probe_rewards is None else int((probe_rewards[p] > 0).sum()),
+               "sigma": None, "k": None, "E": None, "tau": float(tau[p]),
+               "eps": None if i is None else float(eps[i])}
+        if stats is not None:
+            row.update(sigma=stats.sigma[p], k=stats.skew[p], E=stats.entropy[p])
+        rows.append(row)
+    return rows
+
+
+def keep_group_rows(path: Path, upto: int) -> None:
+    """Keep the rows of a ``groups.jsonl`` with ``step <= upto`` (a resumed run writes the
+    later steps again); rewritten whole, as ``metrics.jsonl`` is."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.replace(path)
+

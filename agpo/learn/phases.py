@@ -1,6 +1,7 @@
 """The sampling phases of a step: the prompts, the engine's samples, their rewards, the
 probe phase that sets the temperatures (and, with ``--probe-filter``, which prompts get a
-train group), and the engine-vs-trainer log-prob correction of the train rollout.
+train group; with ``--clip-from-train``, the train group's statistics in its place), and
+the engine-vs-trainer log-prob correction of the train rollout.
 
 Every phase's noise depends on (seed, step, phase, global row) only, so a run samples the
 same rows at any world size. Rewards of a phase are scored in one batch
@@ -95,6 +96,20 @@ class SamplingPhases:
                   "probe/zero_std_frac": float((rewards.std(1) < 1e-12).double().mean()),
                   "probe/skipped_frac": float((~keep).double().mean())})
         return probe, rewards, tau, keep
+
+    def _train_statistics(self, rewards: torch.Tensor, texts: list[str], m: dict) -> bool:
+        """``--clip-from-train``: the train group's own statistics (all ranks' groups, in
+        order) go to ``probe_step`` as a probe's would, for the clip; its temperatures are not
+        used. False when they are not finite (the step then skips its update)."""
+        pieces = self._gather((rewards, texts))
+        rewards = torch.cat([r for r, _ in pieces])
+        texts = [t for _, part in pieces for t in part]
+        if not finite(rewards.mean(1), rewards.std(1)):
+            return False
+        G = rewards.shape[1]
+        self.controller.probe_step(rewards, [texts[p * G:(p + 1) * G] for p in range(rewards.shape[0])])
+        m["probe/vote_entropy"] = self.controller.metrics().get("probe/entropy", math.nan)
+        return True
 
     def _correct(self, problems: list[Problem], roll: Rollout, rewards: torch.Tensor) -> float:
         """Number of correct samples in this rank's rollout."""

@@ -30,7 +30,7 @@ from agpo.rollout import resolve_engine
 from agpo.tasks.rewards import load_reward
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "events.jsonl", "checkpoints", "final", "reference",
-             "tensorboard", "curves.png")
+             "tensorboard", "curves.png", "groups.jsonl")
 """What a run writes into its directory; one of them present means the directory holds a run."""
 
 

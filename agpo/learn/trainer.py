@@ -3,7 +3,8 @@
 ``Trainer.step()``:
 
 1. probe: G samples per prompt at ``tau_base``, rewards, ``controller.probe_step`` -> tau[P]
-   (skipped when both controllers are off: plain GRPO samples at ``tau_base``);
+   (skipped when both controllers are off: plain GRPO samples at ``tau_base``; and with
+   ``--clip-from-train``, whose clip reads the train group's own statistics after step 3);
 2. train rollouts: G samples per prompt, all groups in one engine call (``--rollout``:
    HF ``generate`` or a colocated vLLM engine, ``agpo.rollout``), row temperature tau[p];
 3. rewards -> group advantages; score old log-probs / entropies (and reference log-probs
@@ -43,7 +44,8 @@ import torch
 from agpo.algo.controllers import AGPOController, step_kl
 from agpo.algo.stats import VOTE_KEYS, group_vote_entropy
 from agpo.learn.heldout import evaluate_held_out
-from agpo.learn.metrics import TIME_KEYS, VERIFIER_KEYS, clamp_shares, group_stats, group_token_mean, verifier_delta
+from agpo.learn.metrics import (TIME_KEYS, VERIFIER_KEYS, clamp_shares, group_rows, group_stats, group_token_mean,
+                                verifier_delta)
 from agpo.learn.phases import SamplingPhases
 from agpo.learn.probe import reuse_advantages, select_groups, with_probe
 from agpo.learn.schedule import PromptSampler, TokenBudgetSchedule, lr_lambda
@@ -99,6 +101,8 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         self.step_count = 0
         self.tokens_generated = 0
         self.last_step_tokens = 0
+        self.last_groups: list[dict] = []
+        """The last step's per-group rows (``--dump-groups``; ``agpo.learn.metrics.group_rows``)."""
         self.budget_lr: float | None = None  # the LR of the last optimiser step under --token-budget
         """Tokens generated (all ranks, probe included) by the last step: the budget's stop
         rule, and the schedule's clock during an update (``budget_lr``)."""
@@ -150,7 +154,8 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         m: dict[str, float] = {}
         probe, probe_rewards, sync_s = None, None, 0.0
         keep = torch.ones(P, dtype=torch.bool)
-        if cfg.controller.needs_probe:
+        probing = cfg.controller.needs_probe and not cfg.rollout.clip_from_train
+        if probing:
             probe, probe_rewards, tau, keep = self._probe(problems, prompts, stop, mine, m)
             sync_s += probe.sync_seconds
         else:
@@ -167,6 +172,8 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         probe_tokens = probe.generated_tokens if probe is not None else 0
         self.last_step_tokens = int(all_reduce_sum({"t": float(probe_tokens + roll.generated_tokens)}, self.env)["t"])
         rewards = self._rewards(train_problems, train_prompts, roll)
+        if cfg.rollout.clip_from_train:  # the clip's statistics: the train group's own
+            bad = not self._train_statistics(rewards, roll.texts, m)
         trained, n_train = roll, roll.batch.rows  # the rows the update learns from; the train group's first
         if cfg.rollout.probe_reuse:
             from_probe = select_groups(probe, kept)
@@ -259,9 +266,13 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
             m[f"verifier/{k}"] = sum(q["verifier"][k] for q in parts)
         if self.env.distributed:
             m["perf/rank_tokens_scored"] = local_scored
-        if not cfg.controller.needs_probe:
+        if not probing and not cfg.rollout.clip_from_train:
             keys = VOTE_KEYS[cfg.controller.vote_keys]
             m["probe/vote_entropy"] = float(group_vote_entropy([texts[p * G:(p + 1) * G] for p in range(P)], keys).mean())
+        if cfg.run.dump_groups:
+            fresh = probing or cfg.rollout.clip_from_train  # the controller read statistics this step
+            self.last_groups = group_rows(self.step_count, rewards, tau, eps, keep, probe_rewards,
+                                          ctl.probe if fresh and not bad else None)
         return m
 
     def _clamp_shares(self, tau: torch.Tensor, eps: torch.Tensor) -> dict[str, float]:
