@@ -3,6 +3,13 @@
     python scripts/evidence.py run --out runs/evidence          # every run (about 85 min on 2 cores)
     python scripts/evidence.py report --out runs/evidence       # table, JSON and plot from the runs
 
+With ``--results DIR`` (``run`` and ``report``) each finished run also leaves a small record,
+``DIR/ARM/sSEED.json`` (its summary, held-out curve and per-step controller metrics; seed 0
+also ``sSEED.groups.jsonl``): commit those, and ``run`` on any machine skips what they hold
+and ``report`` needs nothing else. A learning-rate sweep is ``run`` once per rate (``-- --lr
+X`` into ``DIR/lrX``), then ``pick --sweep DIR``: each arm's rate of best mean area under the
+curve, in ``DIR/pick.json``, which ``run --lr-from`` applies arm by arm.
+
 Every arm is the tiny preset on its embedded task after the same warm-up (each seed's
 warm-up, prompt order and sampling noise are shared by all its arms: common random
 numbers), 4 update epochs, a constant learning rate and the same budget of generated
@@ -60,8 +67,38 @@ COLLAPSE_DROP = 0.10
 or a final accuracy below the accuracy before RL."""
 
 
+RECORD_KEYS = ("tokens/generated_total", "eval/accuracy", "eps/mean", "eps/sd", "tau/mean", "tau/sd",
+               "loss/clip_frac", "loss/clip_frac_base", "loss/clip_changed", "kl/step", "policy/entropy",
+               "probe/skipped_frac", "reward/zero_std_frac")
+"""The per-step metrics a run's record keeps (what ``report`` reads)."""
+
+
 def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / arm / f"s{seed}"
+
+
+def record_path(results: Path, arm: str, seed: int) -> Path:
+    return results / arm / f"s{seed}.json"
+
+
+def write_record(d: Path, path: Path, flags: list[str]) -> None:
+    """The small, committable record of the finished run in ``d`` (and its groups dump)."""
+    run = read_run(d)
+    run["steps"] = [{k: r[k] for k in RECORD_KEYS if k in r} for r in run["steps"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**run, "flags": flags}) + "\n")
+    if (d / "groups.jsonl").is_file():
+        path.with_suffix(".groups.jsonl").write_text((d / "groups.jsonl").read_text())
+
+
+def lr_of(arm: str, picks: Path | None) -> list[str]:
+    """``--lr`` of ``arm`` from a sweep's pick.json (none: the runs' own)."""
+    if picks is None:
+        return []
+    pick = json.loads(picks.read_text())["pick"]
+    if arm not in pick:
+        raise SystemExit(f"--lr-from {picks}: no rate picked for {arm}; sweep it first")
+    return ["--lr", str(pick[arm])]
 
 
 def realised_eps(out: Path) -> float:
@@ -77,11 +114,16 @@ def realised_eps(out: Path) -> float:
     return round(sum(means) / len(means), 4)
 
 
-def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log) -> None:
+def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, results: Path | None = None,
+           picks: Path | None = None) -> None:
     d = run_dir(out, arm, seed)
+    if results is not None and record_path(results, arm, seed).is_file():
+        return  # finished on some machine, committed
+    flags = list(ARMS[arm][1]) + lr_of(arm, picks)
     if (d / "summary.json").is_file():
+        if results is not None:
+            write_record(d, record_path(results, arm, seed), flags + extra)
         return
-    flags = list(ARMS[arm][1])
     if arm == "grpo16-eps":
         flags += ["--eps-base", str(realised_eps(out))]
     if seed == 0:  # what the controllers saw and chose, for one seed
@@ -96,6 +138,8 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log) -
     log(f"{arm} seed {seed}: exit {rc} in {time.time() - t0:.0f} s")
     if rc:
         raise SystemExit(f"{arm} seed {seed} failed (exit {rc}); see {d.parent / f's{seed}.log'}")
+    if results is not None:
+        write_record(d, record_path(results, arm, seed), flags + extra)
 
 
 def cmd_run(a) -> None:
@@ -105,8 +149,9 @@ def cmd_run(a) -> None:
     queue += [(arm, s) for s in range(a.extra_seeds) for arm in ARMS if arm in arms and arm not in PRIMARY]
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
     log(f"{len(queue)} runs, {a.jobs} at a time, budget {a.budget} tokens each")
+    results, picks = (Path(a.results) if a.results else None), (Path(a.lr_from) if a.lr_from else None)
     with ThreadPoolExecutor(a.jobs) as pool:
-        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log) for arm, s in queue]:
+        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks) for arm, s in queue]:
             f.result()
 
 
@@ -173,11 +218,44 @@ def mean_of(steps: list[dict], key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def load_runs(out: Path, results: Path | None) -> dict:
+    """``{arm: {seed: run}}``: the records in ``results``, else the finished runs in ``out``."""
+    if results is not None:
+        runs = {arm: {int(f.name[1:-5]): json.loads(f.read_text()) for f in sorted((results / arm).glob("s*.json"))}
+                for arm in ARMS if (results / arm).is_dir()}
+    else:
+        runs = {arm: {int(d.name[1:]): read_run(d) for d in sorted((out / arm).glob("s*"))
+                      if (d / "summary.json").is_file()} for arm in ARMS if (out / arm).is_dir()}
+    return {k: v for k, v in runs.items() if v}
+
+
+def cmd_pick(a) -> None:
+    """Each arm's learning rate of best mean AUC over its seeds, one sweep folder per rate."""
+    sweep = Path(a.sweep)
+    table: dict[str, dict[str, float]] = {}
+    for folder in sorted(sweep.glob("lr*")):
+        runs = load_runs(folder, folder)
+        if not runs:
+            continue
+        b = min(r["summary"]["tokens_generated"] for v in runs.values() for r in v.values())
+        for arm, by_seed in runs.items():
+            table.setdefault(arm, {})[folder.name[2:]] = statistics.mean(auc(r["curve"], b) for r in by_seed.values())
+    if not table:
+        raise SystemExit(f"--sweep {sweep}: no lr*/ARM/sSEED.json records; run the sweep first")
+    pick = {arm: float(max(by_lr, key=by_lr.get)) for arm, by_lr in table.items()}
+    (sweep / "pick.json").write_text(json.dumps({"auc": table, "pick": pick}, indent=1) + "\n")
+    lrs = sorted({lr for by_lr in table.values() for lr in by_lr}, key=float)
+    print("| arm | " + " | ".join(f"lr {lr}" for lr in lrs) + " | picked |\n|---|" + "---|" * (len(lrs) + 1))
+    for arm, by_lr in table.items():
+        cells = [f"{100 * by_lr[lr]:.1f}" if lr in by_lr else "-" for lr in lrs]
+        print(f"| {ARMS[arm][0]} | " + " | ".join(cells) + f" | {pick[arm]:g} |")
+
+
 def cmd_report(a) -> None:
     out = Path(a.out)
-    runs = {arm: {int(d.name[1:]): read_run(d) for d in sorted((out / arm).glob("s*"))
-                  if (d / "summary.json").is_file()} for arm in ARMS if (out / arm).is_dir()}
-    runs = {k: v for k, v in runs.items() if v}
+    runs = load_runs(out, Path(a.results) if a.results else None)
+    if not runs:
+        raise SystemExit(f"no finished runs in {a.results or out}")
     b = min(r["summary"]["tokens_generated"] for v in runs.values() for r in v.values())
     result = {"compared_at_tokens": {str(p): p * b for p in POINTS}, "arms": {}}  # one token axis for all arms
     control = runs.get(CONTROL, {})
@@ -207,7 +285,8 @@ def cmd_report(a) -> None:
             row["vs_control"]["auc"] = paired([auc(by_seed[s]["curve"], b) - auc(control[s]["curve"], b)
                                                for s in both])
         result["arms"][arm] = row
-    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    dest = Path(a.results) if a.results else out
+    (dest / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     if a.plot:
         plot(runs, Path(a.plot))
@@ -284,16 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--arms", default=",".join(ARMS))
     r.add_argument("--budget", type=int, default=90000, help="generated tokens per run, probe included")
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--results", default=None, help="keep each finished run's record here (commit it); skip "
+                                                     "the runs it holds")
+    r.add_argument("--lr-from", default=None, help="a sweep's pick.json: each arm at its picked --lr")
     r.add_argument("extra", nargs="*", help="after --: more agpo.train flags for every run")
     q = sub.add_parser("report", help="the table (markdown), report.json and the plot")
     q.add_argument("--out", default="runs/evidence")
+    q.add_argument("--results", default=None, help="read the run records here instead of the runs")
     q.add_argument("--plot", default=None, help="write the plot here (PNG)")
+    k = sub.add_parser("pick", help="each arm's best learning rate of a sweep (pick.json)")
+    k.add_argument("--sweep", required=True, help="a folder of lrX/ record folders")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    cmd_run(a) if a.cmd == "run" else cmd_report(a)
+    {"run": cmd_run, "report": cmd_report, "pick": cmd_pick}[a.cmd](a)
 
 
 if __name__ == "__main__":

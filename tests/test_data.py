@@ -134,6 +134,37 @@ def test_arith_splits_are_disjoint_deterministic_and_correct():
         load_problems(dataset="arith", max_operand=3, test_size=16)
 
 
+def test_the_default_arith_split_is_the_one_it_always_was():
+    """Two operands up to 99: every pair, in one seeded shuffle (the evidence runs depend on it)."""
+    import random
+
+    for seed in (0, 5):
+        pairs = [(a, b) for a in range(100) for b in range(100)]
+        random.Random(f"agpo-arith-{seed}").shuffle(pairs)
+        splits = arith_split_pairs(seed=seed)
+        assert splits["test"] + splits["validation"] + splits["train"] == pairs
+
+
+@pytest.mark.parametrize("terms, top", [(3, 9), (3, 999), (4, 99)])
+def test_arith_with_more_terms(terms, top):
+    splits = arith_split_pairs(seed=2, terms=terms, max_operand=top, test_size=50, val_size=20)
+    sets = {k: set(v) for k, v in splits.items()}
+    space = (top + 1) ** terms
+    assert len(splits["train"]) == (space - 70 if space <= 200_000 else 20_000)
+    assert sum(len(v) for v in sets.values()) == sum(len(v) for v in splits.values())  # no repeats
+    assert not (sets["test"] & sets["train"]) and not (sets["validation"] & (sets["train"] | sets["test"]))
+    assert arith_split_pairs(seed=2, terms=terms, max_operand=top, test_size=50, val_size=20) == splits
+    assert all(len(t) == terms and max(t) <= top for t in splits["test"])
+    probs = load_problems(dataset="arith", split="train", seed=2, arith_terms=terms, max_operand=top, test_size=50,
+                          val_size=20, size=300)
+    assert len(probs) == 300
+    for p in probs:
+        ops = list(map(int, p.prompt.rstrip("=").split("+")))
+        assert len(ops) == terms and p.reference == str(sum(ops))
+    with pytest.raises(DataError, match="terms must be in 2..8"):
+        arith_split_pairs(terms=1)
+
+
 @needs_rg
 @pytest.mark.parametrize("name", ["basic_arithmetic", "chain_sum", "gsm_symbolic"])
 def test_reasoning_gym_splits_never_overlap(name):

@@ -335,6 +335,53 @@ def test_evidence_report_pairs_seeds_on_one_token_axis(tmp_path):
     assert evidence.at_tokens([(0, 0.5), (100, 0.7)], 50) == pytest.approx(0.6)
 
 
+def test_records_carry_the_report_and_skip_finished_runs(tmp_path):
+    """A finished run's record (committable) gives the same report as the run itself, and a
+    ``run`` that finds the record does not train again (its launcher is never reached)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    out, results = tmp_path / "ev", tmp_path / "records"
+    for s, gain in enumerate([0.01, 0.05, 0.03]):
+        _fake_run(out / "grpo16" / f"s{s}", 0.5, [(500, 0.55), (1000, 0.6)], (1000, 0.6))
+        _fake_run(out / "agpo" / f"s{s}", 0.5, [(500, 0.55 + gain), (1000, 0.6 + gain)], (1000, 0.6 + gain))
+    (out / "agpo" / "s0" / "groups.jsonl").write_text('{"step": 1, "group": 0}\n')
+    for arm in ("grpo16", "agpo"):
+        for s in range(3):  # finished here: the record is written, nothing trains
+            evidence.launch(out, arm, s, 1000, ["--lr", "5e-5"], print, results)
+    rec = json.loads((results / "agpo" / "s1.json").read_text())
+    assert rec["flags"][-2:] == ["--lr", "5e-5"] and set(rec["steps"][0]) <= set(evidence.RECORD_KEYS)
+    assert (results / "agpo" / "s0.groups.jsonl").read_text() == '{"step": 1, "group": 0}\n'
+    evidence.main(["report", "--out", str(out)])
+    evidence.main(["report", "--out", str(tmp_path / "absent"), "--results", str(results)])
+    assert json.loads((results / "report.json").read_text()) == json.loads((out / "report.json").read_text())
+    import shutil
+
+    shutil.rmtree(out)  # a machine with only the records: nothing to run
+    evidence.launch(out, "agpo", 1, 1000, [], lambda msg: pytest.fail(msg), results)
+    assert not out.exists()
+
+
+def test_pick_takes_each_arms_best_rate(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    sweep = tmp_path / "sweep"
+    for lr, (g, a) in {"1e-4": (0.60, 0.50), "5e-5": (0.55, 0.58)}.items():
+        for s in range(2):
+            for arm, acc in (("grpo16", g), ("agpo-reuse", a)):
+                d = tmp_path / "runs" / lr / arm / f"s{s}"
+                _fake_run(d, 0.5, [(500, acc), (1000, acc)], (1000, acc))
+                evidence.write_record(d, evidence.record_path(sweep / f"lr{lr}", arm, s), [])
+    evidence.main(["pick", "--sweep", str(sweep)])
+    picked = json.loads((sweep / "pick.json").read_text())
+    assert picked["pick"] == {"grpo16": 1e-4, "agpo-reuse": 5e-5}
+    assert picked["auc"]["agpo-reuse"]["5e-5"] > picked["auc"]["agpo-reuse"]["1e-4"]
+    assert evidence.lr_of("agpo-reuse", sweep / "pick.json") == ["--lr", "5e-05"]
+    with pytest.raises(SystemExit, match="no rate picked for agpo"):
+        evidence.lr_of("agpo", sweep / "pick.json")
+
+
 def test_evidence_script_runs_scaled_down(tmp_path):
     """The documented commands, scaled down: two arms, one seed, a few steps."""
     out = tmp_path / "ev"

@@ -77,6 +77,9 @@ class DataConfig:
     """Held-out validation size of generated sources."""
     max_operand: int = 99
     """Largest operand of the embedded ``arith`` task."""
+    arith_terms: int = 2
+    """Operands per question of the embedded ``arith`` task (2: "a+b="; more terms and a larger
+    --max-operand make a harder task, e.g. 3 and 999: "123+456+789=")."""
     prompt_field: str | None = None
     """Question field of ``file`` / ``hf:`` sources (None: guessed)."""
     answer_field: str | None = None
@@ -365,7 +368,8 @@ def load_problems(cfg: DataConfig | None = None, **overrides) -> list[Problem]:
 
     if name == "arith":
         problems = generators.arith_problems(split=cfg.split, seed=cfg.seed, max_operand=cfg.max_operand,
-                                             test_size=cfg.test_size, val_size=cfg.val_size, size=cfg.size)
+                                             test_size=cfg.test_size, val_size=cfg.val_size, size=cfg.size,
+                                             terms=cfg.arith_terms)
     elif name in generators.RG_TASKS or name.startswith("rg:"):
         problems = generators.reasoning_gym_problems(name.removeprefix("rg:"), split=cfg.split, seed=cfg.seed,
                                                      size=cfg.size, test_size=cfg.test_size,

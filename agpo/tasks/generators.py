@@ -2,7 +2,7 @@
 that never overlap.
 
 ``arith_problems``: "a+b=" for all pairs a, b in 0..max_operand (10,000 pairs by
-default). One permutation of the pairs, drawn from ``seed``, is cut into test (first
+default; ``terms=3`` asks "a+b+c=", a harder task, whose large question spaces are sampled). One permutation of the pairs, drawn from ``seed``, is cut into test (first
 ``test_size``), validation (next ``val_size``) and train (the rest), so a held-out pair
 is never trained on. Prompt "12+34=", reference "46"; the completion the tiny model
 learns is "46" followed by its end-of-sequence token. Sized after the CPU measurements in
@@ -21,6 +21,7 @@ text, and validation questions that also occur in test are dropped.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import random
 
 from agpo.errors import DataError
@@ -39,29 +40,58 @@ def split_seed(seed: int, split: str) -> int:
     return _SPLIT_OFFSET[split] * 2**30 + seed * 2**20
 
 
-def arith_split_pairs(*, seed: int = 0, max_operand: int = 99, test_size: int = 400,
-                      val_size: int = 200) -> dict[str, list[tuple[int, int]]]:
-    """The disjoint test / validation / train pair lists of the embedded task."""
+ARITH_ENUMERATED = 200_000
+"""Largest question space of ``arith`` that is enumerated and shuffled; a larger one (more
+terms or digits) is sampled, ``ARITH_SAMPLED_TRAIN`` train questions unless ``size``."""
+ARITH_SAMPLED_TRAIN = 20_000
+
+
+def arith_split_pairs(*, seed: int = 0, max_operand: int = 99, test_size: int = 400, val_size: int = 200,
+                      terms: int = 2, train_size: int | None = None) -> dict[str, list[tuple[int, ...]]]:
+    """The disjoint test / validation / train operand tuples of the embedded task (``terms``
+    operands in 0..``max_operand``). Two operands of up to 99 (the default task) are every
+    pair in one seeded shuffle, as they always were."""
     if max_operand < 1:
         raise DataError(f"arith: max_operand must be >= 1, got {max_operand}")
-    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
-    if test_size < 0 or val_size < 0 or test_size + val_size >= len(pairs):
+    if not 2 <= terms <= 8:
+        raise DataError(f"arith: terms must be in 2..8, got {terms}")
+    space = (max_operand + 1) ** terms
+    held = test_size + val_size
+    if test_size < 0 or val_size < 0 or held >= space:
         raise DataError(f"arith: test_size {test_size} + val_size {val_size} must leave training pairs "
-                        f"out of {len(pairs)}")
-    random.Random(f"agpo-arith-{seed}").shuffle(pairs)
-    return {"test": pairs[:test_size], "validation": pairs[test_size:test_size + val_size],
-            "train": pairs[test_size + val_size:]}
+                        f"out of {space}")
+    rng = random.Random(f"agpo-arith-{seed}" if terms == 2 else f"agpo-arith{terms}-{seed}")
+    if space <= ARITH_ENUMERATED:
+        tuples = list(itertools.product(range(max_operand + 1), repeat=terms))
+        rng.shuffle(tuples)
+    else:  # distinct tuples in the order drawn
+        want = held + (train_size if train_size is not None else ARITH_SAMPLED_TRAIN)
+        if want > space // 2:
+            raise DataError(f"arith: {want} questions out of {space} possible; ask for fewer (--size)")
+        seen: set[tuple[int, ...]] = set()
+        tuples = []
+        while len(tuples) < want:
+            t = tuple(rng.randint(0, max_operand) for _ in range(terms))
+            if t not in seen:
+                seen.add(t)
+                tuples.append(t)
+    return {"test": tuples[:test_size], "validation": tuples[test_size:held], "train": tuples[held:]}
 
 
 def arith_problems(*, split: str = "test", seed: int = 0, max_operand: int = 99, test_size: int = 400,
-                   val_size: int = 200, size: int | None = None) -> list[Problem]:
-    """One split of the embedded "a+b=" task (``size`` caps the train split)."""
-    pairs = arith_split_pairs(seed=seed, max_operand=max_operand, test_size=test_size,
-                              val_size=val_size)[split]
+                   val_size: int = 200, size: int | None = None, terms: int = 2) -> list[Problem]:
+    """One split of the embedded "a+b=" task, or "a+b+c=" with ``terms=3`` (``size`` caps the
+    train split)."""
+    tuples = arith_split_pairs(seed=seed, max_operand=max_operand, test_size=test_size, val_size=val_size,
+                               terms=terms, train_size=size)[split]
     if split == "train" and size is not None:
-        pairs = pairs[:size]
-    return [Problem(prompt=f"{a}+{b}=", reference=str(a + b), id=f"arith-{split}-{a}+{b}", source="arith",
-                    verbatim=True) for a, b in pairs]
+        tuples = tuples[:size]
+    out = []
+    for t in tuples:
+        q = "+".join(map(str, t))
+        out.append(Problem(prompt=f"{q}=", reference=str(sum(t)), id=f"arith-{split}-{q}", source="arith",
+                           verbatim=True))
+    return out
 
 
 def _rg_items(name: str, seed: int, size: int, options: dict) -> list[dict]:
