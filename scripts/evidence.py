@@ -81,10 +81,15 @@ def record_path(results: Path, arm: str, seed: int) -> Path:
     return results / arm / f"s{seed}.json"
 
 
+def _short(v):
+    """A per-step value as the record keeps it: 5 significant digits."""
+    return float(f"{v:.5g}") if isinstance(v, float) and math.isfinite(v) else v
+
+
 def write_record(d: Path, path: Path, flags: list[str]) -> None:
     """The small, committable record of the finished run in ``d`` (and its groups dump)."""
     run = read_run(d)
-    run["steps"] = [{k: r[k] for k in RECORD_KEYS if k in r} for r in run["steps"]]
+    run["steps"] = [{k: _short(r[k]) for k in RECORD_KEYS if k in r} for r in run["steps"]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**run, "flags": flags}) + "\n")
     if (d / "groups.jsonl").is_file():
@@ -101,17 +106,28 @@ def lr_of(arm: str, picks: Path | None) -> list[str]:
     return ["--lr", str(pick[arm])]
 
 
-def realised_eps(out: Path) -> float:
-    """AGPO's mean eps over the steps of its finished runs (for the ``grpo16-eps`` arm)."""
+def realised_eps(out: Path, results: Path | None = None) -> float:
+    """AGPO's mean eps over the steps of its finished runs (for the ``grpo16-eps`` arm): its
+    records where there are records, so every machine takes the same value."""
     means = []
-    for d in sorted((out / "agpo").glob("s*")):
-        if (d / "summary.json").is_file():
-            rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
-            vals = [r["eps/mean"] for r in rows if "eps/mean" in r and math.isfinite(r["eps/mean"])]
-            means.append(sum(vals) / len(vals))
+    for run in load_runs(out, results).get("agpo", {}).values():
+        vals = [r["eps/mean"] for r in run["steps"] if isinstance(r.get("eps/mean"), float) and math.isfinite(r["eps/mean"])]
+        means.append(sum(vals) / len(vals))
     if not means:
         raise SystemExit("grpo16-eps: no finished agpo run yet to take the realised eps from")
     return round(sum(means) / len(means), 4)
+
+
+def run_args(out: Path, arm: str, seed: int, budget: int, extra: list[str], results: Path | None = None,
+             picks: Path | None = None) -> list[str]:
+    """The ``agpo.train`` flags of one run (its ``--out-dir`` aside)."""
+    flags = list(ARMS[arm][1]) + lr_of(arm, picks)
+    if arm == "grpo16-eps":
+        flags += ["--eps-base", str(realised_eps(out, results))]
+    if seed == 0:  # what the controllers saw and chose, for one seed
+        flags += ["--dump-groups"]
+    return [*COMMON, *flags, "--eval-every", str(ARMS[arm][2]), "--token-budget", str(budget), "--seed", str(seed),
+            *extra]
 
 
 def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, results: Path | None = None,
@@ -119,18 +135,18 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, r
     d = run_dir(out, arm, seed)
     if results is not None and record_path(results, arm, seed).is_file():
         return  # finished on some machine, committed
-    flags = list(ARMS[arm][1]) + lr_of(arm, picks)
-    if (d / "summary.json").is_file():
+    args = run_args(out, arm, seed, budget, extra, results, picks)
+    if (d / "summary.json").is_file():  # finished here: only if it was made with these very flags
+        made = json.loads((d / "command.json").read_text()) if (d / "command.json").is_file() else None
+        if made != args:
+            raise SystemExit(f"{d} holds a run made with other flags ({made}); give each experiment (each sweep "
+                             "rate) its own --out, or delete it")
         if results is not None:
-            write_record(d, record_path(results, arm, seed), flags + extra)
+            write_record(d, record_path(results, arm, seed), args)
         return
-    if arm == "grpo16-eps":
-        flags += ["--eps-base", str(realised_eps(out))]
-    if seed == 0:  # what the controllers saw and chose, for one seed
-        flags += ["--dump-groups"]
-    cmd = [sys.executable, "-m", "agpo.train", *COMMON, *flags, "--eval-every", str(ARMS[arm][2]),
-           "--token-budget", str(budget), "--seed", str(seed), "--out-dir", str(d), *extra]
-    d.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "agpo.train", *args, "--out-dir", str(d)]
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "command.json").write_text(json.dumps(args) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.time()
     with open(d.parent / f"s{seed}.log", "w") as f:
@@ -139,7 +155,7 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, r
     if rc:
         raise SystemExit(f"{arm} seed {seed} failed (exit {rc}); see {d.parent / f's{seed}.log'}")
     if results is not None:
-        write_record(d, record_path(results, arm, seed), flags + extra)
+        write_record(d, record_path(results, arm, seed), args)
 
 
 def cmd_run(a) -> None:
@@ -232,23 +248,34 @@ def load_runs(out: Path, results: Path | None) -> dict:
 def cmd_pick(a) -> None:
     """Each arm's learning rate of best mean AUC over its seeds, one sweep folder per rate."""
     sweep = Path(a.sweep)
-    table: dict[str, dict[str, float]] = {}
-    for folder in sorted(sweep.glob("lr*")):
-        runs = load_runs(folder, folder)
-        if not runs:
-            continue
-        b = min(r["summary"]["tokens_generated"] for v in runs.values() for r in v.values())
-        for arm, by_seed in runs.items():
-            table.setdefault(arm, {})[folder.name[2:]] = statistics.mean(auc(r["curve"], b) for r in by_seed.values())
-    if not table:
+    by_lr = {f.name[2:]: load_runs(f, f) for f in sorted(sweep.glob("lr*"))}
+    by_lr = {lr: runs for lr, runs in by_lr.items() if runs}
+    if not by_lr:
         raise SystemExit(f"--sweep {sweep}: no lr*/ARM/sSEED.json records; run the sweep first")
-    pick = {arm: float(max(by_lr, key=by_lr.get)) for arm, by_lr in table.items()}
-    (sweep / "pick.json").write_text(json.dumps({"auc": table, "pick": pick}, indent=1) + "\n")
-    lrs = sorted({lr for by_lr in table.values() for lr in by_lr}, key=float)
-    print("| arm | " + " | ".join(f"lr {lr}" for lr in lrs) + " | picked |\n|---|" + "---|" * (len(lrs) + 1))
-    for arm, by_lr in table.items():
-        cells = [f"{100 * by_lr[lr]:.1f}" if lr in by_lr else "-" for lr in lrs]
-        print(f"| {ARMS[arm][0]} | " + " | ".join(cells) + f" | {pick[arm]:g} |")
+    # one horizon for every rate and arm, and each arm's seeds that every rate has: paired
+    b = min(r["summary"]["tokens_generated"] for runs in by_lr.values() for v in runs.values() for r in v.values())
+    table: dict[str, dict[str, float]] = {}
+    seeds_of: dict[str, list[int]] = {}
+    for arm in ARMS:
+        have = [set(runs[arm]) for runs in by_lr.values() if arm in runs]
+        if not have:
+            continue
+        seeds = sorted(set.intersection(*have))
+        if not seeds:
+            raise SystemExit(f"pick: {arm} has no seed run at every rate; finish the sweep")
+        seeds_of[arm] = seeds
+        table[arm] = {lr: statistics.mean(auc(runs[arm][s]["curve"], b) for s in seeds)
+                      for lr, runs in by_lr.items() if arm in runs}
+    pick = {arm: float(max(aucs, key=aucs.get)) for arm, aucs in table.items()}
+    (sweep / "pick.json").write_text(json.dumps({"auc": table, "pick": pick, "seeds": seeds_of,
+                                                 "at_tokens": b}, indent=1) + "\n")
+    lrs = sorted(by_lr, key=float)
+    print(f"Mean area under the held-out curve over the first {b} tokens (%):\n")
+    print("| arm | seeds | " + " | ".join(f"lr {lr}" for lr in lrs) + " | picked |\n|---|---|"
+          + "---|" * (len(lrs) + 1))
+    for arm, aucs in table.items():
+        cells = [f"{100 * aucs[lr]:.1f}" if lr in aucs else "-" for lr in lrs]
+        print(f"| {ARMS[arm][0]} | {len(seeds_of[arm])} | " + " | ".join(cells) + f" | {pick[arm]:g} |")
 
 
 def cmd_report(a) -> None:

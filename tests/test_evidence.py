@@ -346,11 +346,17 @@ def test_records_carry_the_report_and_skip_finished_runs(tmp_path):
         _fake_run(out / "grpo16" / f"s{s}", 0.5, [(500, 0.55), (1000, 0.6)], (1000, 0.6))
         _fake_run(out / "agpo" / f"s{s}", 0.5, [(500, 0.55 + gain), (1000, 0.6 + gain)], (1000, 0.6 + gain))
     (out / "agpo" / "s0" / "groups.jsonl").write_text('{"step": 1, "group": 0}\n')
+    (out / "agpo" / "s2" / "command.json").write_text(json.dumps(["--lr", "1e-4"]))  # made otherwise
+    with pytest.raises(SystemExit, match=r"holds a run made with other flags .* its own --out"):
+        evidence.launch(out, "agpo", 2, 1000, ["--lr", "5e-5"], print, results)
     for arm in ("grpo16", "agpo"):
-        for s in range(3):  # finished here: the record is written, nothing trains
+        for s in range(3):  # finished here with these flags: the record is written, nothing trains
+            args = evidence.run_args(out, arm, s, 1000, ["--lr", "5e-5"], results)
+            (out / arm / f"s{s}" / "command.json").write_text(json.dumps(args))
             evidence.launch(out, arm, s, 1000, ["--lr", "5e-5"], print, results)
     rec = json.loads((results / "agpo" / "s1.json").read_text())
     assert rec["flags"][-2:] == ["--lr", "5e-5"] and set(rec["steps"][0]) <= set(evidence.RECORD_KEYS)
+    assert "--dump-groups" in json.loads((results / "agpo" / "s0.json").read_text())["flags"]
     assert (results / "agpo" / "s0.groups.jsonl").read_text() == '{"step": 1, "group": 0}\n'
     evidence.main(["report", "--out", str(out)])
     evidence.main(["report", "--out", str(tmp_path / "absent"), "--results", str(results)])
@@ -368,14 +374,14 @@ def test_pick_takes_each_arms_best_rate(tmp_path):
 
     sweep = tmp_path / "sweep"
     for lr, (g, a) in {"1e-4": (0.60, 0.50), "5e-5": (0.55, 0.58)}.items():
-        for s in range(2):
+        for s in range(2 if lr == "1e-4" else 3):  # seed 2 at one rate only: left out, the seeds are paired
             for arm, acc in (("grpo16", g), ("agpo-reuse", a)):
                 d = tmp_path / "runs" / lr / arm / f"s{s}"
                 _fake_run(d, 0.5, [(500, acc), (1000, acc)], (1000, acc))
                 evidence.write_record(d, evidence.record_path(sweep / f"lr{lr}", arm, s), [])
     evidence.main(["pick", "--sweep", str(sweep)])
     picked = json.loads((sweep / "pick.json").read_text())
-    assert picked["pick"] == {"grpo16": 1e-4, "agpo-reuse": 5e-5}
+    assert picked["pick"] == {"grpo16": 1e-4, "agpo-reuse": 5e-5} and picked["seeds"]["grpo16"] == [0, 1]
     assert picked["auc"]["agpo-reuse"]["5e-5"] > picked["auc"]["agpo-reuse"]["1e-4"]
     assert evidence.lr_of("agpo-reuse", sweep / "pick.json") == ["--lr", "5e-05"]
     with pytest.raises(SystemExit, match="no rate picked for agpo"):
@@ -383,17 +389,36 @@ def test_pick_takes_each_arms_best_rate(tmp_path):
 
 
 def test_evidence_script_runs_scaled_down(tmp_path):
-    """The documented commands, scaled down: two arms, one seed, a few steps."""
-    out = tmp_path / "ev"
+    """The documented commands, scaled down: two arms, one seed, a few steps; then the second
+    round's: records, a second ``run`` that trains nothing, ``pick`` and ``--lr-from``."""
+    out, sweep = tmp_path / "ev", tmp_path / "sweep"
     base = [sys.executable, str(ROOT / "scripts" / "evidence.py")]
-    r = subprocess.run([*base, "run", "--out", str(out), "--seeds", "1", "--extra-seeds", "0", "--budget", "600",
-                        "--arms", "agpo,grpo16", "--", "--sft-steps", "20", "--test-size", "40", "--eval-size", "40",
-                        "--prompts-per-step", "4", "--update-epochs", "2"], capture_output=True, text=True, timeout=300)
+    small = ["--sft-steps", "20", "--test-size", "40", "--eval-size", "40", "--prompts-per-step", "4",
+             "--update-epochs", "2"]
+    run = [*base, "run", "--out", str(out), "--seeds", "1", "--extra-seeds", "0", "--budget", "600", "--arms",
+           "agpo,grpo16", "--results", str(sweep / "lr1e-4"), "--", *small, "--lr", "1e-4"]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([*base, "report", "--out", str(out), "--plot", str(tmp_path / "p.png")], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "GRPO, groups of 2G" in r.stdout and (tmp_path / "p.png").stat().st_size > 1000
+    r = subprocess.run([*base, "report", "--results", str(sweep / "lr1e-4")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "GRPO, groups of 2G" in r.stdout, r.stdout + r.stderr
+    import shutil
+
+    shutil.rmtree(out)  # only the records are left: the same run trains nothing
+    r = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "exit" not in r.stdout and not out.exists(), r.stdout + r.stderr
+    r = subprocess.run([*base, "pick", "--sweep", str(sweep)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads((sweep / "pick.json").read_text())["pick"]["grpo16"] == 1e-4, r.stderr
+    r = subprocess.run([*base, "run", "--out", str(tmp_path / "main"), "--seeds", "1", "--extra-seeds", "0",
+                        "--budget", "300", "--arms", "grpo16", "--results", str(tmp_path / "rec"), "--lr-from",
+                        str(sweep / "pick.json"), "--", *small], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    flags = json.loads((tmp_path / "rec" / "grpo16" / "s0.json").read_text())["flags"]
+    assert flags[flags.index("--lr") + 1] == "0.0001"
 
 
 def test_docs_quote_the_committed_evidence():

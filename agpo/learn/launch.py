@@ -275,7 +275,7 @@ def run(cfg: TrainConfig) -> dict:
             log.log(step, metrics)
             if r.dump_groups and env.is_main:
                 with open(out / GROUPS_FILE, "a") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in trainer.last_groups)
+                    f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in trainer.last_groups)
             trainer.guard.check(step, last_checkpoint_name(out))  # too many non-finite steps in a row
             in_streak = trainer.guard.skipped_in_a_row > 0  # keep the last checkpoint from before it
             if (r.save_every and step % r.save_every == 0 and not in_streak) or step == r.stop_after:

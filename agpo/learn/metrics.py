@@ -8,6 +8,7 @@ and the per-group rows of ``--dump-groups`` (what the controllers saw and chose)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -69,8 +70,15 @@ def group_rows(step: int, train_rewards: torch.Tensor, tau: torch.Tensor, eps: t
                "eps": None if i is None else float(eps[i])}
         if stats is not None:
             row.update(sigma=stats.sigma[p], k=stats.skew[p], E=stats.entropy[p])
-        rows.append(row)
+        rows.append({k: _plain(v) for k, v in row.items()})
     return rows
+
+
+def _plain(v):
+    """A dump value as strict JSON takes it: finite floats to 6 significant digits, else None."""
+    if isinstance(v, float):
+        return float(f"{v:.6g}") if math.isfinite(v) else None
+    return v
 
 
 def keep_group_rows(path: Path, upto: int) -> None:
@@ -78,7 +86,13 @@ def keep_group_rows(path: Path, upto: int) -> None:
     later steps again); rewritten whole, as ``metrics.jsonl`` is."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= upto:
+                rows.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: written again
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     tmp.replace(path)

@@ -174,6 +174,8 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         rewards = self._rewards(train_problems, train_prompts, roll)
         if cfg.rollout.clip_from_train:  # the clip's statistics: the train group's own
             bad = not self._train_statistics(rewards, roll.texts, m)
+        # the statistics the controllers read this step (a restore at the step's end forgets them)
+        stats = ctl.probe if (probing or cfg.rollout.clip_from_train) and not bad else None
         trained, n_train = roll, roll.batch.rows  # the rows the update learns from; the train group's first
         if cfg.rollout.probe_reuse:
             from_probe = select_groups(probe, kept)
@@ -270,9 +272,7 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
             keys = VOTE_KEYS[cfg.controller.vote_keys]
             m["probe/vote_entropy"] = float(group_vote_entropy([texts[p * G:(p + 1) * G] for p in range(P)], keys).mean())
         if cfg.run.dump_groups:
-            fresh = probing or cfg.rollout.clip_from_train  # the controller read statistics this step
-            self.last_groups = group_rows(self.step_count, rewards, tau, eps, keep, probe_rewards,
-                                          ctl.probe if fresh and not bad else None)
+            self.last_groups = group_rows(self.step_count, rewards, tau, eps, keep, probe_rewards, stats)
         return m
 
     def _clamp_shares(self, tau: torch.Tensor, eps: torch.Tensor) -> dict[str, float]:

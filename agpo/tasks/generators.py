@@ -41,8 +41,9 @@ def split_seed(seed: int, split: str) -> int:
 
 
 ARITH_ENUMERATED = 200_000
-"""Largest question space of ``arith`` that is enumerated and shuffled; a larger one (more
-terms or digits) is sampled, ``ARITH_SAMPLED_TRAIN`` train questions unless ``size``."""
+"""Largest question space of ``arith`` with three or more terms that is enumerated and
+shuffled; a larger one is sampled, ``ARITH_SAMPLED_TRAIN`` train questions unless ``size``.
+Two terms are always every pair, as they always were."""
 ARITH_SAMPLED_TRAIN = 20_000
 
 
@@ -61,7 +62,7 @@ def arith_split_pairs(*, seed: int = 0, max_operand: int = 99, test_size: int = 
         raise DataError(f"arith: test_size {test_size} + val_size {val_size} must leave training pairs "
                         f"out of {space}")
     rng = random.Random(f"agpo-arith-{seed}" if terms == 2 else f"agpo-arith{terms}-{seed}")
-    if space <= ARITH_ENUMERATED:
+    if terms == 2 or space <= ARITH_ENUMERATED:
         tuples = list(itertools.product(range(max_operand + 1), repeat=terms))
         rng.shuffle(tuples)
     else:  # distinct tuples in the order drawn
