@@ -20,7 +20,8 @@ what it may import:
 - Shared at the top: ``config`` (the run config and its CLI), ``models`` (presets and
   loading), ``errors`` (the errors that end a run, with their exit statuses).
 - Command-line modules, thin, imported by nothing: ``train``, ``eval``, ``plot``, ``plan`` (the
-  memory plan of a run, ``agpo.scale.memory``).
+  memory plan of a run, ``agpo.scale.memory``), ``verl`` (AGPO on verl's trainer,
+  ``agpo.integrations.verl``; it needs verl's own environment).
 
 Rules checked by tests/test_layout.py: no import cycle between modules; ``agpo.algo``
 imports only ``agpo.algo``, ``agpo.errors`` and ``agpo.tasks.rewards`` (answer keys);
