@@ -54,6 +54,10 @@ ARMS = {  # name -> (label, agpo.train flags, --eval-every)
     "grpo16-passclip": ("GRPO 2G, clip from the pass count alone",
                         ["--algo", "grpo", "--group-size", "16", "--adaptive-clip", "--clip-from-train",
                          "--clip-inputs", "rewards"], 10),
+    "grpo16-refill": ("GRPO 2G + dynamic sampling (refill)", ["--algo", "grpo", "--group-size", "16", "--filter-groups"],
+                      10),
+    "agpo-reuse-refill": ("AGPO + probe reuse + dynamic sampling (refill)",
+                          ["--algo", "agpo", "--group-size", "8", "--probe-reuse", "--filter-groups"], 10),
 }
 PRIMARY = ("agpo", "grpo16")
 """Run for every seed (``--seeds``); the other arms for the first ``--extra-seeds``."""
@@ -69,7 +73,7 @@ or a final accuracy below the accuracy before RL."""
 
 RECORD_KEYS = ("tokens/generated_total", "eval/accuracy", "eps/mean", "eps/sd", "tau/mean", "tau/sd",
                "loss/clip_frac", "loss/clip_frac_base", "loss/clip_changed", "kl/step", "policy/entropy",
-               "probe/skipped_frac", "reward/zero_std_frac")
+               "probe/skipped_frac", "reward/zero_std_frac", "filter/informative_frac", "filter/rounds")
 """The per-step metrics a run's record keeps (what ``report`` reads)."""
 
 
