@@ -123,23 +123,24 @@ def realised_eps(out: Path, results: Path | None = None) -> float:
 
 
 def run_args(out: Path, arm: str, seed: int, budget: int, extra: list[str], results: Path | None = None,
-             picks: Path | None = None) -> list[str]:
-    """The ``agpo.train`` flags of one run (its ``--out-dir`` aside)."""
+             picks: Path | None = None, dump_seed: int = 0) -> list[str]:
+    """The ``agpo.train`` flags of one run (its ``--out-dir`` aside); ``dump_seed``'s runs
+    dump their groups."""
     flags = list(ARMS[arm][1]) + lr_of(arm, picks)
     if arm == "grpo16-eps":
         flags += ["--eps-base", str(realised_eps(out, results))]
-    if seed == 0:  # what the controllers saw and chose, for one seed
+    if seed == dump_seed:  # what the controllers saw and chose, for one seed
         flags += ["--dump-groups"]
     return [*COMMON, *flags, "--eval-every", str(ARMS[arm][2]), "--token-budget", str(budget), "--seed", str(seed),
             *extra]
 
 
 def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, results: Path | None = None,
-           picks: Path | None = None) -> None:
+           picks: Path | None = None, dump_seed: int = 0) -> None:
     d = run_dir(out, arm, seed)
     if results is not None and record_path(results, arm, seed).is_file():
         return  # finished on some machine, committed
-    args = run_args(out, arm, seed, budget, extra, results, picks)
+    args = run_args(out, arm, seed, budget, extra, results, picks, dump_seed)
     if (d / "summary.json").is_file():  # finished here: only if it was made with these very flags
         made = json.loads((d / "command.json").read_text()) if (d / "command.json").is_file() else None
         if made != args:
@@ -165,13 +166,15 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, r
 def cmd_run(a) -> None:
     out = Path(a.out)
     arms = a.arms.split(",")
-    queue = [(arm, s) for s in range(a.seeds) for arm in PRIMARY if arm in arms]
-    queue += [(arm, s) for s in range(a.extra_seeds) for arm in ARMS if arm in arms and arm not in PRIMARY]
+    first = a.first_seed
+    queue = [(arm, s) for s in range(first, first + a.seeds) for arm in PRIMARY if arm in arms]
+    queue += [(arm, s) for s in range(first, first + a.extra_seeds)
+              for arm in ARMS if arm in arms and arm not in PRIMARY]
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
     log(f"{len(queue)} runs, {a.jobs} at a time, budget {a.budget} tokens each")
     results, picks = (Path(a.results) if a.results else None), (Path(a.lr_from) if a.lr_from else None)
     with ThreadPoolExecutor(a.jobs) as pool:
-        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks) for arm, s in queue]:
+        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first) for arm, s in queue]:
             f.result()
 
 
@@ -391,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/evidence")
     r.add_argument("--seeds", type=int, default=16, help="seeds of AGPO and GRPO-2G")
     r.add_argument("--extra-seeds", type=int, default=8, help="seeds of the other arms")
+    r.add_argument("--first-seed", type=int, default=0, help="seeds run from here (main runs after a sweep: seeds "
+                                                            "the sweep did not pick the rate on); its runs dump groups")
     r.add_argument("--arms", default=",".join(ARMS))
     r.add_argument("--budget", type=int, default=90000, help="generated tokens per run, probe included")
     r.add_argument("--jobs", type=int, default=2)
