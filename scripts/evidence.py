@@ -236,6 +236,14 @@ def paired(diffs: list[float], rounds: int = 20000) -> dict:
     return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "p": p}
 
 
+def sampled_view(steps: list[dict]) -> list[dict]:
+    """Per-step metrics with ``reward/zero_std_frac`` the share of the *sampled* train groups
+    whose rewards are all equal: under ``--filter-groups`` the logged one covers only the
+    trained groups (about 0), the sampled share is 1 - ``filter/informative_frac``."""
+    return [{**r, "reward/zero_std_frac": 1.0 - r["filter/informative_frac"]} if "filter/informative_frac" in r else r
+            for r in steps]
+
+
 def mean_of(steps: list[dict], key: str) -> float:
     vals = [r[key] for r in steps if key in r and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
     return sum(vals) / len(vals) if vals else math.nan
@@ -306,7 +314,7 @@ def cmd_report(a) -> None:
                "final_sd": statistics.stdev(acc[1.0]) if len(seeds) > 1 else math.nan,
                "collapses": sum(collapsed(by_seed[s]["curve"]) for s in seeds),
                "eps_base": sorted({by_seed[s]["eps_base"] for s in seeds if by_seed[s]["eps_base"] is not None}),
-               "controllers": {k: statistics.mean(mean_of(by_seed[s]["steps"], k) for s in seeds)
+               "controllers": {k: statistics.mean(mean_of(sampled_view(by_seed[s]["steps"]), k) for s in seeds)
                                for k in ("eps/mean", "eps/sd", "tau/mean", "tau/sd", "loss/clip_frac",
                                          "loss/clip_frac_base", "loss/clip_changed", "kl/step", "policy/entropy",
                                          "probe/skipped_frac", "reward/zero_std_frac")}}

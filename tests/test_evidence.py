@@ -455,3 +455,14 @@ def test_run_takes_seeds_from_first_seed_and_dumps_the_first(tmp_path, monkeypat
                                     ("agpo-reuse", 5, 3)])
     assert "--dump-groups" in evidence.run_args(tmp_path, "grpo16", 3, 1000, [], dump_seed=3)
     assert "--dump-groups" not in evidence.run_args(tmp_path, "grpo16", 0, 1000, [], dump_seed=3)
+
+
+def test_report_counts_all_equal_groups_among_the_sampled_ones():
+    """Under --filter-groups the logged zero-std share covers the trained groups only; the
+    report's "all-equal groups" is the sampled share, 1 - filter/informative_frac."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    steps = [{"reward/zero_std_frac": 0.0, "filter/informative_frac": 0.75}, {"reward/zero_std_frac": 0.25}]
+    assert [r["reward/zero_std_frac"] for r in evidence.sampled_view(steps)] == [0.25, 0.25]
+    assert evidence.mean_of(evidence.sampled_view(steps[:1]), "reward/zero_std_frac") == 0.25

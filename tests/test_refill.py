@@ -44,8 +44,11 @@ def test_choose_trained_takes_the_first_informative_and_one_group_per_rank():
     useful = torch.tensor([False, True, False, False, True, True, True, True])
     # the first 4 informative groups in step order: 1, 4, 5, 6; rank 1 has group 6
     assert choose_trained(useful, owner, 4, 2).nonzero().view(-1).tolist() == [1, 4, 5, 6]
-    # limit 2: groups 1 and 4 are rank 0's; rank 1 gets its first group back (advantage 0)
-    assert choose_trained(useful, owner, 2, 2).nonzero().view(-1).tolist() == [1, 2, 4]
+    # limit 2: groups 1 and 4 are rank 0's; rank 1 gets its first informative group past the cut
+    assert choose_trained(useful, owner, 2, 2).nonzero().view(-1).tolist() == [1, 4, 6]
+    # rank 1 has no informative group at all: its first group (advantage 0)
+    only0 = torch.tensor([True, True, False, False, True, False, False, False])
+    assert choose_trained(only0, owner, 2, 2).nonzero().view(-1).tolist() == [0, 1, 2]
     # nothing informative at all (every group solved or failed): each rank keeps its first group
     none = torch.zeros(8, dtype=torch.bool)
     assert choose_trained(none, owner, 4, 2).nonzero().view(-1).tolist() == [0, 2]

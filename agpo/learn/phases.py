@@ -140,7 +140,7 @@ class SamplingPhases:
         roll = self._sample(train_prompts, stop, tau[mine][kept], phase=1,
                             first_prompt=offset + int(keep[:mine.start].sum()))
         rewards = self._rewards(train_problems, train_prompts, roll)
-        pieces = self._gather((rewards, roll.texts))
+        pieces = self._gather((rewards, roll.texts if cfg.rollout.clip_from_train else None))
         all_rewards = torch.cat([r for r, _ in pieces])
         if cfg.rollout.clip_from_train:  # the clip's statistics: the train group's own
             bad = not self._train_statistics(all_rewards, [t for _, part in pieces for t in part], m)
@@ -218,14 +218,14 @@ class SamplingPhases:
 
 def _round_metrics(rounds: list["Round"]) -> dict[str, float]:
     """The sampling metrics of a step's rounds: times summed, the rest averaged over the
-    rounds' prompts."""
+    prompts of the rounds that have them."""
     if len(rounds) == 1:
         return rounds[0].metrics
-    total = sum(x.size for x in rounds)
     out = {}
     for k in {k: None for x in rounds for k in x.metrics}:
-        vals = [(x.size, x.metrics.get(k, math.nan)) for x in rounds]
-        out[k] = sum(v for _, v in vals) if k.startswith("time/") else sum(n * v for n, v in vals) / total
+        vals = [(x.size, x.metrics[k]) for x in rounds if k in x.metrics]
+        out[k] = sum(v for _, v in vals) if k.startswith("time/") else sum(n * v for n, v in vals) / sum(
+            n for n, _ in vals)
     return out
 
 

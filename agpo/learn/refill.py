@@ -8,7 +8,8 @@ has fewer than ``--prompts-per-step`` of them, samples another round of fresh pr
 most ``--filter-rounds`` rounds in all. Every generated token counts against
 ``--token-budget``, the dropped groups' included. As in DAPO every round draws
 ``--prompts-per-step`` prompts and the surplus informative groups of the last round are
-dropped too, so a step trains on at most ``--prompts-per-step`` groups. (A round sized by
+dropped too, so a step trains on ``--prompts-per-step`` groups (fewer when its rounds ran
+out; see below for many ranks). (A round sized by
 the missing count would waste fewer tokens, but its size would depend on the world size,
 through whole blocks per rank, and a run would then sample other prompts on 2 ranks than
 on 1.)
@@ -16,9 +17,13 @@ on 1.)
 The groups of a step are numbered in sampling order over its rounds (round, then prompt):
 the controllers see them in that order at any world size. Each rank trains the groups it
 sampled, so a rank's groups are not contiguous in that order once a second round runs:
-``rank_order`` gives the positions the rank-ordered gathers land at. A rank left with no
-informative group keeps its first sampled one (its advantages are 0), so the update stays
-collective.
+``rank_order`` gives the positions the rank-ordered gathers land at. The update is
+collective, so a rank none of whose groups made the cut trains one group anyway: its
+first informative one past the cut, else its first one (advantages 0, but its tokens count
+in the loss's normaliser). Only then does a run on several ranks train other groups than
+on one, up to ``--prompts-per-step`` + ranks - 1 of them: with few prompts per rank (a
+second round's informative groups all on other ranks) it can happen often, so give each
+rank several prompts per step.
 
 The functions here take and return plain tensors and lists: the trainer's part is
 ``agpo.learn.phases``.
@@ -50,12 +55,13 @@ def owners(round_sizes: list[int], world_size: int) -> torch.Tensor:
 
 def choose_trained(useful: torch.Tensor, owner: torch.Tensor, limit: int, world_size: int) -> torch.Tensor:
     """Bool ``[S]``: the first ``limit`` groups marked ``useful``, in order; a rank none of
-    whose groups is chosen gets its first group back."""
+    whose groups is chosen gets its first useful group back, else its first group."""
     chosen = useful & (useful.long().cumsum(0) <= limit)
     for r in range(world_size):
         own = (owner == r).nonzero().view(-1)
         if len(own) and not chosen[own].any():
-            chosen[own[0]] = True
+            spare = own[useful[own]]
+            chosen[spare[0] if len(spare) else own[0]] = True
     return chosen
 
 
