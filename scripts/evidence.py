@@ -54,6 +54,10 @@ ARMS = {  # name -> (label, agpo.train flags, --eval-every)
     "grpo16-passclip": ("GRPO 2G, clip from the pass count alone",
                         ["--algo", "grpo", "--group-size", "16", "--adaptive-clip", "--clip-from-train",
                          "--clip-inputs", "rewards"], 10),
+    "grpo16-refill": ("GRPO 2G + dynamic sampling (refill)", ["--algo", "grpo", "--group-size", "16", "--filter-groups"],
+                      10),
+    "agpo-reuse-refill": ("AGPO + probe reuse + dynamic sampling (refill)",
+                          ["--algo", "agpo", "--group-size", "8", "--probe-reuse", "--filter-groups"], 10),
 }
 PRIMARY = ("agpo", "grpo16")
 """Run for every seed (``--seeds``); the other arms for the first ``--extra-seeds``."""
@@ -69,7 +73,7 @@ or a final accuracy below the accuracy before RL."""
 
 RECORD_KEYS = ("tokens/generated_total", "eval/accuracy", "eps/mean", "eps/sd", "tau/mean", "tau/sd",
                "loss/clip_frac", "loss/clip_frac_base", "loss/clip_changed", "kl/step", "policy/entropy",
-               "probe/skipped_frac", "reward/zero_std_frac")
+               "probe/skipped_frac", "reward/zero_std_frac", "filter/informative_frac", "filter/rounds")
 """The per-step metrics a run's record keeps (what ``report`` reads)."""
 
 
@@ -119,23 +123,24 @@ def realised_eps(out: Path, results: Path | None = None) -> float:
 
 
 def run_args(out: Path, arm: str, seed: int, budget: int, extra: list[str], results: Path | None = None,
-             picks: Path | None = None) -> list[str]:
-    """The ``agpo.train`` flags of one run (its ``--out-dir`` aside)."""
+             picks: Path | None = None, dump_seed: int = 0) -> list[str]:
+    """The ``agpo.train`` flags of one run (its ``--out-dir`` aside); ``dump_seed``'s runs
+    dump their groups."""
     flags = list(ARMS[arm][1]) + lr_of(arm, picks)
     if arm == "grpo16-eps":
         flags += ["--eps-base", str(realised_eps(out, results))]
-    if seed == 0:  # what the controllers saw and chose, for one seed
+    if seed == dump_seed:  # what the controllers saw and chose, for one seed
         flags += ["--dump-groups"]
     return [*COMMON, *flags, "--eval-every", str(ARMS[arm][2]), "--token-budget", str(budget), "--seed", str(seed),
             *extra]
 
 
 def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, results: Path | None = None,
-           picks: Path | None = None) -> None:
+           picks: Path | None = None, dump_seed: int = 0) -> None:
     d = run_dir(out, arm, seed)
     if results is not None and record_path(results, arm, seed).is_file():
         return  # finished on some machine, committed
-    args = run_args(out, arm, seed, budget, extra, results, picks)
+    args = run_args(out, arm, seed, budget, extra, results, picks, dump_seed)
     if (d / "summary.json").is_file():  # finished here: only if it was made with these very flags
         made = json.loads((d / "command.json").read_text()) if (d / "command.json").is_file() else None
         if made != args:
@@ -161,13 +166,15 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, r
 def cmd_run(a) -> None:
     out = Path(a.out)
     arms = a.arms.split(",")
-    queue = [(arm, s) for s in range(a.seeds) for arm in PRIMARY if arm in arms]
-    queue += [(arm, s) for s in range(a.extra_seeds) for arm in ARMS if arm in arms and arm not in PRIMARY]
+    first = a.first_seed
+    queue = [(arm, s) for s in range(first, first + a.seeds) for arm in PRIMARY if arm in arms]
+    queue += [(arm, s) for s in range(first, first + a.extra_seeds)
+              for arm in ARMS if arm in arms and arm not in PRIMARY]
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
     log(f"{len(queue)} runs, {a.jobs} at a time, budget {a.budget} tokens each")
     results, picks = (Path(a.results) if a.results else None), (Path(a.lr_from) if a.lr_from else None)
     with ThreadPoolExecutor(a.jobs) as pool:
-        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks) for arm, s in queue]:
+        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first) for arm, s in queue]:
             f.result()
 
 
@@ -227,6 +234,14 @@ def paired(diffs: list[float], rounds: int = 20000) -> dict:
         hits = sum(abs(sum(rng.choice((1, -1)) * d for d in diffs)) >= observed for _ in range(rounds))
         p = (hits + 1) / (rounds + 1)
     return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "p": p}
+
+
+def sampled_view(steps: list[dict]) -> list[dict]:
+    """Per-step metrics with ``reward/zero_std_frac`` the share of the *sampled* train groups
+    whose rewards are all equal: under ``--filter-groups`` the logged one covers only the
+    trained groups (about 0), the sampled share is 1 - ``filter/informative_frac``."""
+    return [{**r, "reward/zero_std_frac": 1.0 - r["filter/informative_frac"]} if "filter/informative_frac" in r else r
+            for r in steps]
 
 
 def mean_of(steps: list[dict], key: str) -> float:
@@ -299,7 +314,7 @@ def cmd_report(a) -> None:
                "final_sd": statistics.stdev(acc[1.0]) if len(seeds) > 1 else math.nan,
                "collapses": sum(collapsed(by_seed[s]["curve"]) for s in seeds),
                "eps_base": sorted({by_seed[s]["eps_base"] for s in seeds if by_seed[s]["eps_base"] is not None}),
-               "controllers": {k: statistics.mean(mean_of(by_seed[s]["steps"], k) for s in seeds)
+               "controllers": {k: statistics.mean(mean_of(sampled_view(by_seed[s]["steps"]), k) for s in seeds)
                                for k in ("eps/mean", "eps/sd", "tau/mean", "tau/sd", "loss/clip_frac",
                                          "loss/clip_frac_base", "loss/clip_changed", "kl/step", "policy/entropy",
                                          "probe/skipped_frac", "reward/zero_std_frac")}}
@@ -387,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/evidence")
     r.add_argument("--seeds", type=int, default=16, help="seeds of AGPO and GRPO-2G")
     r.add_argument("--extra-seeds", type=int, default=8, help="seeds of the other arms")
+    r.add_argument("--first-seed", type=int, default=0, help="seeds run from here (main runs after a sweep: seeds "
+                                                            "the sweep did not pick the rate on); its runs dump groups")
     r.add_argument("--arms", default=",".join(ARMS))
     r.add_argument("--budget", type=int, default=90000, help="generated tokens per run, probe included")
     r.add_argument("--jobs", type=int, default=2)

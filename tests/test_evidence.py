@@ -414,11 +414,12 @@ def test_evidence_script_runs_scaled_down(tmp_path):
     r = subprocess.run([*base, "pick", "--sweep", str(sweep)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and json.loads((sweep / "pick.json").read_text())["pick"]["grpo16"] == 1e-4, r.stderr
     r = subprocess.run([*base, "run", "--out", str(tmp_path / "main"), "--seeds", "1", "--extra-seeds", "0",
-                        "--budget", "300", "--arms", "grpo16", "--results", str(tmp_path / "rec"), "--lr-from",
-                        str(sweep / "pick.json"), "--", *small], capture_output=True, text=True, timeout=300)
+                        "--first-seed", "3", "--budget", "300", "--arms", "grpo16", "--results", str(tmp_path / "rec"),
+                        "--lr-from", str(sweep / "pick.json"), "--", *small], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    flags = json.loads((tmp_path / "rec" / "grpo16" / "s0.json").read_text())["flags"]
-    assert flags[flags.index("--lr") + 1] == "0.0001"
+    flags = json.loads((tmp_path / "rec" / "grpo16" / "s3.json").read_text())["flags"]
+    assert flags[flags.index("--lr") + 1] == "0.0001" and "--dump-groups" in flags
 
 
 def test_docs_quote_the_committed_evidence():
@@ -438,3 +439,30 @@ def test_docs_quote_the_committed_evidence():
     assert f"{abs(100 * vs['mean']):.1f} points {side}" in readme
     assert f"{100 * vs['lo']:.1f} to {100 * vs['hi']:.1f}" in readme
     assert "docs/img/evidence.png" in recipes and (ROOT / "docs" / "img" / "evidence.png").is_file()
+
+
+def test_run_takes_seeds_from_first_seed_and_dumps_the_first(tmp_path, monkeypatch):
+    """Main runs after a sweep start at ``--first-seed`` (seeds the sweep did not pick the rate
+    on); the first of them dumps its groups."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    calls = []
+    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, *a: calls.append((arm, s, a[-1])))
+    evidence.main(["run", "--out", str(tmp_path), "--arms", "grpo16,agpo-reuse", "--seeds", "2", "--extra-seeds", "3",
+                   "--first-seed", "3", "--jobs", "1"])
+    assert sorted(calls) == sorted([("grpo16", 3, 3), ("grpo16", 4, 3), ("agpo-reuse", 3, 3), ("agpo-reuse", 4, 3),
+                                    ("agpo-reuse", 5, 3)])
+    assert "--dump-groups" in evidence.run_args(tmp_path, "grpo16", 3, 1000, [], dump_seed=3)
+    assert "--dump-groups" not in evidence.run_args(tmp_path, "grpo16", 0, 1000, [], dump_seed=3)
+
+
+def test_report_counts_all_equal_groups_among_the_sampled_ones():
+    """Under --filter-groups the logged zero-std share covers the trained groups only; the
+    report's "all-equal groups" is the sampled share, 1 - filter/informative_frac."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    steps = [{"reward/zero_std_frac": 0.0, "filter/informative_frac": 0.75}, {"reward/zero_std_frac": 0.25}]
+    assert [r["reward/zero_std_frac"] for r in evidence.sampled_view(steps)] == [0.25, 0.25]
+    assert evidence.mean_of(evidence.sampled_view(steps[:1]), "reward/zero_std_frac") == 0.25

@@ -102,6 +102,15 @@ class RolloutConfig:
     """Skip the train group of a prompt whose probe rewards are all equal (AGPO): its train
     group would most likely be all-equal too, with zero advantage. The skipped share is
     logged as probe/skipped_frac; every rank keeps at least one prompt."""
+    filter_groups: bool = False
+    """Drop the train groups whose rewards are all equal (advantage 0 on every row) and sample
+    rounds of --prompts-per-step fresh prompts until the step has that many groups whose
+    rewards differ, then train on the first that many (DAPO's dynamic sampling, any
+    algorithm; with AGPO each round has its probe). The dropped groups' tokens count against
+    --token-budget. agpo.learn.refill."""
+    filter_rounds: int = 4
+    """--filter-groups: at most this many sampling rounds per step (the first included); a step
+    that ends short trains on the groups it found (filter/groups, filter/rounds)."""
     clip_from_train: bool = False
     """No probe group: the adaptive clip reads the train group's own statistics (reward
     dispersion and skew, vote entropy), measured after it is sampled, and every sample is
@@ -162,7 +171,12 @@ class RolloutConfig:
             raise ConfigError(f"--top-p: must lie in (0, 1], got {self.top_p}")
         if self.group_size < 2:
             raise ConfigError(f"--group-size: group-relative advantages need at least 2 samples, got {self.group_size}")
-        _positive(self, "probe_size")
+        _positive(self, "probe_size", "filter_rounds")
+        if not isinstance(self.filter_rounds, int):
+            raise ConfigError(f"--filter-rounds: expected a whole number of rounds >= 1, got {self.filter_rounds!r}")
+        if self.filter_groups and self.probe_filter:
+            raise ConfigError("--filter-groups with --probe-filter: two filters of the same groups; --filter-groups "
+                              "judges each train group by its own rewards and refills the batch: drop --probe-filter")
         if self.probe_size is not None and self.probe_size < 2:
             raise ConfigError(f"--probe-size: the probe's reward spread needs at least 2 samples, got {self.probe_size}")
 

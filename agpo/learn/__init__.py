@@ -8,6 +8,7 @@
 - ``update``: scoring a rollout batch and the optimiser steps on it (micro-batched).
 - ``metrics``: the step's metric keys and per-group statistics.
 - ``probe``: the probe filter and probe reuse (``--probe-filter``, ``--probe-reuse``).
+- ``refill``: dropping all-equal train groups and refilling the step (``--filter-groups``).
 - ``heldout``: the held-out evaluation during a run, through the engine or HF ``generate``.
 - ``clipstats``: what the clip did in an update (per epoch, and against a fixed eps).
 - ``sft``: the supervised warm-up.

@@ -53,21 +53,24 @@ GROUPS_FILE = "groups.jsonl"
 
 
 def group_rows(step: int, train_rewards: torch.Tensor, tau: torch.Tensor, eps: torch.Tensor, keep: torch.Tensor,
-               probe_rewards: torch.Tensor | None, stats) -> list[dict]:
+               probe_rewards: torch.Tensor | None, stats, trained: torch.Tensor | None = None) -> list[dict]:
     """One row per prompt of a step: its train group's pass count (rewards > 0; None when the
     prompt got no train group), the probe's, the statistics the controllers read (reward
     dispersion ``sigma``, skew ``k``, vote entropy ``E``: the probe's, or the train group's
-    with ``--clip-from-train``; None without either), its tau and eps (None: not trained)."""
-    kept = keep.nonzero().view(-1).tolist()
-    where = {p: i for i, p in enumerate(kept)}
+    with ``--clip-from-train``; None without either), its tau and eps (None: not trained).
+    ``train_rewards`` are the groups ``keep`` marks; ``trained`` (default ``keep``) marks
+    those the update learned from, whose ``eps`` these are (``--filter-groups`` drops some)."""
+    trained = keep if trained is None else trained
+    sampled = {p: i for i, p in enumerate(keep.nonzero().view(-1).tolist())}
+    where = {p: i for i, p in enumerate(trained.nonzero().view(-1).tolist())}
     rows = []
     for p in range(keep.shape[0]):
-        i = where.get(p)
+        i, j = sampled.get(p), where.get(p)
         row = {"step": step, "group": p, "train_pass": None if i is None else int((train_rewards[i] > 0).sum()),
                "train_size": int(train_rewards.shape[1]),
                "probe_pass": None if probe_rewards is None else int((probe_rewards[p] > 0).sum()),
                "sigma": None, "k": None, "E": None, "tau": float(tau[p]),
-               "eps": None if i is None else float(eps[i])}
+               "eps": None if j is None else float(eps[j]), "trained": j is not None}
         if stats is not None:
             row.update(sigma=stats.sigma[p], k=stats.skew[p], E=stats.entropy[p])
         rows.append({k: _plain(v) for k, v in row.items()})

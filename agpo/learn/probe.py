@@ -7,9 +7,10 @@ twice a GRPO step of the same group size. Two switches recover that cost:
 
 - ``--probe-filter`` (``keep_groups``): a prompt whose probe rewards are all equal will most
   likely give an all-equal train group, whose advantages are 0 and whose gradient is
-  nothing; its train group is not generated (DAPO's dynamic sampling, at no extra cost:
-  the probe was drawn anyway). Every rank keeps at least one prompt, so the update stays
-  collective.
+  nothing; its train group is not generated (at no extra cost: the probe was drawn
+  anyway). Every rank keeps at least one prompt, so the update stays collective. It judges
+  the prompt by its probe, so it also skips train groups that would have differed; DAPO's
+  filter of the train groups themselves is ``--filter-groups`` (``agpo.learn.refill``).
 - ``--probe-reuse`` (``with_probe``): the probe samples are on-policy samples of the same
   policy at ``tau_base``. Each row is scored at the temperature it was sampled at (or all at
   1 with ``--score-temperature one``, the same treatment as the train rows), so no

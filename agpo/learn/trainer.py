@@ -7,6 +7,8 @@
    ``--clip-from-train``, whose clip reads the train group's own statistics after step 3);
 2. train rollouts: G samples per prompt, all groups in one engine call (``--rollout``:
    HF ``generate`` or a colocated vLLM engine, ``agpo.rollout``), row temperature tau[p];
+   with ``--filter-groups``, steps 1-2 repeat on fresh prompts until the step has
+   ``--prompts-per-step`` groups whose rewards differ (``agpo.learn.refill``);
 3. rewards -> group advantages; score old log-probs / entropies (and reference log-probs
    when beta > 0) with the fused forward at each row's temperature, no logits; the
    engine's own log-probs give the mismatch figures and the truncated importance weights
@@ -30,7 +32,7 @@ Micro-batch losses are scaled so their sum is the loss of the whole step: the
 aggregations by their share of sequences (Dr. GRPO's normaliser is the completion cap).
 
 ``Trainer`` holds the state and runs the step; its parts live where a reader looks for
-them: the sampling phases and the probe in ``agpo.learn.phases``, scoring and the update
+them: the sampling phases and the probe in ``agpo.learn.phases`` (the refill rounds in ``agpo.learn.refill``), scoring and the update
 in ``agpo.learn.update``, the token-budget LR and stop rule in ``agpo.learn.schedule``,
 the metric helpers in ``agpo.learn.metrics``.
 """
@@ -47,7 +49,8 @@ from agpo.learn.heldout import evaluate_held_out
 from agpo.learn.metrics import (TIME_KEYS, VERIFIER_KEYS, clamp_shares, group_rows, group_stats, group_token_mean,
                                 verifier_delta)
 from agpo.learn.phases import SamplingPhases
-from agpo.learn.probe import reuse_advantages, select_groups, with_probe
+from agpo.learn.probe import reuse_advantages, with_probe
+from agpo.learn.refill import in_step_order
 from agpo.learn.schedule import PromptSampler, TokenBudgetSchedule, lr_lambda
 from agpo.learn.update import UpdatePass, scoring_batch
 from agpo.rollout import make_engine
@@ -146,41 +149,15 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         t_step = time.perf_counter()
         self.guard.begin(ctl)
         verified0, self.reward_errors = self.verifier.stats.snapshot(), 0
-        problems = self.sampler.next(cfg.rollout.prompts_per_step)  # the same list on every rank
-        P = len(problems)
-        mine = self._block(P)
-        problems = problems[mine]
-        prompts, stop = self._prompts(problems)
         m: dict[str, float] = {}
-        probe, probe_rewards, sync_s = None, None, 0.0
-        keep = torch.ones(P, dtype=torch.bool)
-        probing = cfg.controller.needs_probe and not cfg.rollout.clip_from_train
-        if probing:
-            probe, probe_rewards, tau, keep = self._probe(problems, prompts, stop, mine, m)
-            sync_s += probe.sync_seconds
-        else:
-            tau = torch.full((P,), cfg.controller.tau_base)
-        bad = not finite(tau)  # no usable probe statistics: no update this step
-        if bad:
-            tau = torch.full((P,), cfg.controller.tau_base)
-        kept = keep[mine].nonzero().view(-1)  # this rank's prompts that get a train group
-        train_problems = [problems[i] for i in kept.tolist()]
-        train_prompts = [prompts[i] for i in kept.tolist()]
-        # the train groups are numbered among the step's trained prompts: the same rows at any world size
-        roll = self._sample(train_prompts, stop, tau[mine][kept], phase=1, first_prompt=int(keep[:mine.start].sum()))
+        d = self._draw(m)  # the same prompts on every rank; each samples its block of them
+        bad, stats, roll, rewards = d.bad, d.stats, d.roll, d.rewards
         self.engine.idle()  # no rollout before the update: a colocated engine frees its memory
-        probe_tokens = probe.generated_tokens if probe is not None else 0
-        self.last_step_tokens = int(all_reduce_sum({"t": float(probe_tokens + roll.generated_tokens)}, self.env)["t"])
-        rewards = self._rewards(train_problems, train_prompts, roll)
-        if cfg.rollout.clip_from_train:  # the clip's statistics: the train group's own
-            bad = not self._train_statistics(rewards, roll.texts, m)
-        # the statistics the controllers read this step (a restore at the step's end forgets them)
-        stats = ctl.probe if (probing or cfg.rollout.clip_from_train) and not bad else None
+        self.last_step_tokens = int(all_reduce_sum({"t": float(d.probe_tokens + d.train_tokens)}, self.env)["t"])
         trained, n_train = roll, roll.batch.rows  # the rows the update learns from; the train group's first
         if cfg.rollout.probe_reuse:
-            from_probe = select_groups(probe, kept)
-            trained = with_probe(roll, from_probe)
-            adv = reuse_advantages(ctl.advantages, rewards, probe_rewards[mine][kept])
+            trained = with_probe(roll, d.probe)
+            adv = reuse_advantages(ctl.advantages, rewards, d.probe_rewards)
         else:
             adv = ctl.advantages(rewards).reshape(-1)
         batch = scoring_batch(trained.batch, cfg.loss.score_temperature)
@@ -196,11 +173,12 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         on = batch.completion_mask.bool()
         train_mask = batch.completion_mask[:n_train]
         bad = self._any_rank(bad or not finite(adv, old_logp[on], ent[on], None if ref_logp is None else ref_logp[on]))
-        groups = keep.nonzero().view(-1)  # the global prompts trained this step
+        groups = d.groups  # the prompts trained this step, in step order
         if bad:
             eps = torch.full((len(groups),), cfg.controller.eps_base)
         else:  # the controller's entropy is the train group's, as in the paper
-            eps = ctl.clip_step(self._cat(group_token_mean(ent[:n_train], train_mask, G)), groups=groups.tolist())
+            ent_groups = in_step_order(self._cat(group_token_mean(ent[:n_train], train_mask, G)), d.order)
+            eps = ctl.clip_step(ent_groups, groups=groups.tolist())
         is_weight, mismatch = self._correction(trained, old_logp)
         m.update(mismatch)
 
@@ -208,18 +186,18 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         if bad:
             m.update(self._skip_update(ref_logp is not None))
         else:
-            first = int(keep[:mine.start].sum())  # this rank's groups start there among the trained ones
-            eps_mine = eps[first:first + len(kept)]
+            eps_mine = eps[d.mine]
             eps_rows = eps_mine.repeat_interleave(G)
             if cfg.rollout.probe_reuse:
-                eps_rows = torch.cat([eps_rows, eps_mine.repeat_interleave(probe.group_size)])
+                eps_rows = torch.cat([eps_rows, eps_mine.repeat_interleave(d.probe.group_size)])
             m.update(self.update(batch, adv, eps_rows, old_logp, ref_logp, is_weight))
         t_update = time.perf_counter() - t0
         applied = cfg.optim.update_epochs - m["optim/skipped_steps"]
         kl = float("nan")  # measured for every algorithm; only the clip controller feeds on it
         if applied:
             new_logp, _ = self.score(self.policy, batch)
-            kl_groups = self._cat(group_token_mean((old_logp - new_logp)[:n_train], train_mask, G))
+            kl_groups = in_step_order(self._cat(group_token_mean((old_logp - new_logp)[:n_train], train_mask, G)),
+                                      d.order)
             if finite(kl_groups):
                 kl = ctl.update_step_kl(kl_groups) if cfg.controller.adaptive_clip else step_kl(kl_groups)
         m["kl/step"] = kl
@@ -231,8 +209,8 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         mask = train_mask
         local = {"rewards": rewards, "lengths": roll.lengths, "texts": roll.texts,
                  "entropy": float((ent[:n_train] * mask).sum()), "scored": float(mask.sum()),
-                 "probe_tokens": probe_tokens, "train_tokens": roll.generated_tokens,
-                 "correct": self._correct(train_problems, roll, rewards), "reward_errors": self.reward_errors,
+                 "probe_tokens": d.probe_tokens, "train_tokens": d.train_tokens,
+                 "correct": self._correct(d.problems, roll, rewards), "reward_errors": self.reward_errors,
                  "verifier": verifier_delta(self.verifier.stats.snapshot(), verified0)}
         parts = self._gather(local)
         rewards = torch.cat([q["rewards"] for q in parts])
@@ -249,13 +227,14 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         m.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
                   "reward/accuracy": sum(q["correct"] for q in parts) / rewards.numel(),
                   "reward/zero_std_frac": float(zero_std.float().mean()),
-                  **group_stats("eps", eps), **group_stats("tau", tau[keep]), **self._clamp_shares(tau[keep], eps),
+                  **group_stats("eps", eps), **group_stats("tau", d.tau[d.trained]),
+                  **self._clamp_shares(d.tau[d.trained], eps),
                   **ctl.metrics(),
                   "policy/entropy": sum(q["entropy"] for q in parts) / max(scored, 1.0),
                   "response/length": float(lengths.mean()), "response/length_max": float(lengths.max()),
                   "tokens/generated_probe": probe_tokens, "tokens/generated_train": train_tokens,
                   "tokens/generated_total": self.tokens_generated,
-                  "time/generate": roll.seconds, "time/weight_sync": sync_s + roll.sync_seconds,
+                  "time/generate": roll.seconds, "time/weight_sync": d.sync_seconds,
                   "time/score": t_score, "time/update": t_update,
                   "time/step": time.perf_counter() - t_step,
                   # throughput: all ranks' tokens over this rank's (rank 0's, when logged) seconds
@@ -268,11 +247,13 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
             m[f"verifier/{k}"] = sum(q["verifier"][k] for q in parts)
         if self.env.distributed:
             m["perf/rank_tokens_scored"] = local_scored
-        if not probing and not cfg.rollout.clip_from_train:
+        if not (cfg.controller.needs_probe or cfg.rollout.clip_from_train):
             keys = VOTE_KEYS[cfg.controller.vote_keys]
-            m["probe/vote_entropy"] = float(group_vote_entropy([texts[p * G:(p + 1) * G] for p in range(P)], keys).mean())
+            groups_texts = [texts[p * G:(p + 1) * G] for p in range(len(texts) // G)]
+            m["probe/vote_entropy"] = float(group_vote_entropy(groups_texts, keys).mean())
         if cfg.run.dump_groups:
-            self.last_groups = group_rows(self.step_count, rewards, tau, eps, keep, probe_rewards, stats)
+            self.last_groups = group_rows(self.step_count, d.all_rewards, d.tau, eps, d.keep, d.all_probe_rewards,
+                                          stats, trained=d.trained)
         return m
 
     def _clamp_shares(self, tau: torch.Tensor, eps: torch.Tensor) -> dict[str, float]:
