@@ -100,11 +100,18 @@ def write_record(d: Path, path: Path, flags: list[str]) -> None:
         path.with_suffix(".groups.jsonl").write_text((d / "groups.jsonl").read_text())
 
 
+RATE_OF = {"grpo16-refill": "grpo16", "agpo-reuse-refill": "agpo-reuse"}
+"""Arms that take another arm's picked rate when the sweep did not cover them (the filter
+arms: the same algorithm, one switch more)."""
+
+
 def lr_of(arm: str, picks: Path | None) -> list[str]:
     """``--lr`` of ``arm`` from a sweep's pick.json (none: the runs' own)."""
     if picks is None:
         return []
     pick = json.loads(picks.read_text())["pick"]
+    if arm not in pick and RATE_OF.get(arm) in pick:
+        arm = RATE_OF[arm]
     if arm not in pick:
         raise SystemExit(f"--lr-from {picks}: no rate picked for {arm}; sweep it first")
     return ["--lr", str(pick[arm])]

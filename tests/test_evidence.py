@@ -386,6 +386,9 @@ def test_pick_takes_each_arms_best_rate(tmp_path):
     assert evidence.lr_of("agpo-reuse", sweep / "pick.json") == ["--lr", "5e-05"]
     with pytest.raises(SystemExit, match="no rate picked for agpo"):
         evidence.lr_of("agpo", sweep / "pick.json")
+    # a filter arm the sweep did not cover takes its algorithm's rate
+    assert evidence.lr_of("agpo-reuse-refill", sweep / "pick.json") == ["--lr", "5e-05"]
+    assert evidence.lr_of("grpo16-refill", sweep / "pick.json") == ["--lr", "0.0001"]
 
 
 def test_evidence_script_runs_scaled_down(tmp_path):
