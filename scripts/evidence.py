@@ -289,15 +289,22 @@ def cmd_pick(a) -> None:
         table[arm] = {lr: statistics.mean(auc(runs[arm][s]["curve"], b) for s in seeds)
                       for lr, runs in by_lr.items() if arm in runs}
     pick = {arm: float(max(aucs, key=aucs.get)) for arm, aucs in table.items()}
-    (sweep / "pick.json").write_text(json.dumps({"auc": table, "pick": pick, "seeds": seeds_of,
-                                                 "at_tokens": b}, indent=1) + "\n")
-    lrs = sorted(by_lr, key=float)
-    print(f"Mean area under the held-out curve over the first {b} tokens (%):\n")
-    print("| arm | seeds | " + " | ".join(f"lr {lr}" for lr in lrs) + " | picked |\n|---|---|"
-          + "---|" * (len(lrs) + 1))
-    for arm, aucs in table.items():
+    result = {"auc": table, "pick": pick, "seeds": seeds_of, "at_tokens": b}
+    (sweep / "pick.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(pick_markdown(result))
+
+
+def pick_markdown(result: dict) -> str:
+    """The sweep's table (a ``pick.json``): each arm's mean AUC per rate and its pick."""
+    lrs = sorted({lr for aucs in result["auc"].values() for lr in aucs}, key=float)
+    lines = [f"Mean area under the held-out curve over the first {result['at_tokens']} tokens (%):", "",
+             "| arm | seeds | " + " | ".join(f"lr {lr}" for lr in lrs) + " | picked |",
+             "|---|---|" + "---|" * (len(lrs) + 1)]
+    for arm, aucs in result["auc"].items():
         cells = [f"{100 * aucs[lr]:.1f}" if lr in aucs else "-" for lr in lrs]
-        print(f"| {ARMS[arm][0]} | {len(seeds_of[arm])} | " + " | ".join(cells) + f" | {pick[arm]:g} |")
+        lines.append(f"| {ARMS[arm][0]} | {len(result['seeds'][arm])} | " + " | ".join(cells)
+                     + f" | {result['pick'][arm]:g} |")
+    return "\n".join(lines)
 
 
 def cmd_report(a) -> None:

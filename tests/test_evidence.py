@@ -469,3 +469,24 @@ def test_report_counts_all_equal_groups_among_the_sampled_ones():
     steps = [{"reward/zero_std_frac": 0.0, "filter/informative_frac": 0.75}, {"reward/zero_std_frac": 0.25}]
     assert [r["reward/zero_std_frac"] for r in evidence.sampled_view(steps)] == [0.25, 0.25]
     assert evidence.mean_of(evidence.sampled_view(steps[:1]), "reward/zero_std_frac") == 0.25
+
+
+def test_docs_quote_the_round_two_sweep():
+    """docs/recipes.md's learning-rate sweep table is `pick`'s, from the committed pick.json,
+    and that pick.json is what `pick` computes from the committed sweep records."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    sweep = ROOT / "docs" / "evidence" / "embedded" / "sweep"
+    committed = json.loads((sweep / "pick.json").read_text())
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    for line in evidence.pick_markdown(committed).splitlines():
+        assert line in recipes, line
+    by_lr = {f.name[2:]: evidence.load_runs(f, f) for f in sorted(sweep.glob("lr*"))}
+    b = min(r["summary"]["tokens_generated"] for runs in by_lr.values() for v in runs.values() for r in v.values())
+    assert committed["at_tokens"] == b
+    for arm, aucs in committed["auc"].items():
+        for lr, value in aucs.items():
+            seeds = committed["seeds"][arm]
+            want = sum(evidence.auc(by_lr[lr][arm][s]["curve"], b) for s in seeds) / len(seeds)
+            assert value == pytest.approx(want, abs=1e-12), (arm, lr)
