@@ -490,3 +490,44 @@ def test_docs_quote_the_round_two_sweep():
             seeds = committed["seeds"][arm]
             want = sum(evidence.auc(by_lr[lr][arm][s]["curve"], b) for s in seeds) / len(seeds)
             assert value == pytest.approx(want, abs=1e-12), (arm, lr)
+
+
+def test_docs_quote_the_round_two_main_runs(tmp_path):
+    """docs/recipes.md's round-2 tables are `report`'s from the committed records (report.json
+    is what `report` computes from them), and the README quotes its primary result: AGPO
+    with probe reuse against GRPO-2G, the paired area under the curve, with its interval."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    main = ROOT / "docs" / "evidence" / "embedded" / "main"
+    committed = json.loads((main / "report.json").read_text())
+    copy = tmp_path / "main"
+    shutil.copytree(main, copy, ignore=shutil.ignore_patterns("report.json"))
+    evidence.main(["report", "--results", str(copy)])
+    assert json.loads((copy / "report.json").read_text()) == committed
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    for line in evidence.markdown(committed).splitlines():
+        if line.startswith("| ") and not line.startswith("| arm"):
+            assert line in recipes, line
+    vs = committed["arms"]["agpo-reuse"]["vs_control"]["auc"]
+    assert len(committed["arms"]["agpo-reuse"]["seeds"]) == 16
+    readme = (ROOT / "README.md").read_text()
+    assert f"{100 * vs['mean']:+.1f} points (95% interval {100 * vs['lo']:+.1f} to {100 * vs['hi']:+.1f})" in readme
+    assert "docs/img/evidence-round2.png" in recipes and (ROOT / "docs" / "img" / "evidence-round2.png").is_file()
+
+
+def test_paired_says_the_smallest_effect_the_design_can_see():
+    """Hand values: differences 1, 2, 3, 6 (mean 3, sd sqrt(14/3)); the 95% t interval uses
+    t(3) = 3.182; the detectable difference (5% two-sided, 80% power) adds t80(3) = 0.978;
+    the exact sign-flip p counts the 2 of 16 patterns with |sum| >= 12."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    r = evidence.paired([1.0, 2.0, 3.0, 6.0])
+    sd = math.sqrt(14 / 3)
+    assert r["mean"] == 3.0 and r["sd"] == pytest.approx(sd)
+    assert r["hi"] - r["mean"] == pytest.approx(3.182 * sd / 2)
+    assert r["detectable"] == pytest.approx((3.182 + 0.978) * sd / 2)
+    assert r["p"] == pytest.approx(2 / 16)
