@@ -355,6 +355,22 @@ def cmd_report(a) -> None:
         plot(runs, Path(a.plot))
 
 
+def dump_markdown(path: Path) -> str:
+    """What the controllers did, by the probe's pass count, from one run's ``groups.jsonl``:
+    the trained groups' mean (sd) eps and tau per pass count."""
+    by: dict[int, list[tuple[float, float]]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["trained"] and r["probe_pass"] is not None and r["eps"] is not None and r["tau"] is not None:
+            by.setdefault(r["probe_pass"], []).append((r["eps"], r["tau"]))
+    lines = ["| probe passes | groups | eps mean (sd) | tau mean (sd) |", "|---|---|---|---|"]
+    for k in sorted(by):
+        eps, tau = [e for e, _ in by[k]], [t for _, t in by[k]]
+        lines.append(f"| {k} | {len(eps)} | {statistics.mean(eps):.3f} ({statistics.pstdev(eps):.3f}) | "
+                     f"{statistics.mean(tau):.3f} ({statistics.pstdev(tau):.3f}) |")
+    return "\n".join(lines)
+
+
 def p_text(p: float) -> str:
     return "p=n/a" if not math.isfinite(p) else "p<0.001" if p < 0.001 else f"p={p:.3f}"
 

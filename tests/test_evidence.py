@@ -511,10 +511,13 @@ def test_docs_quote_the_round_two_main_runs(tmp_path):
     for line in evidence.markdown(committed).splitlines():
         if line.startswith("| ") and not line.startswith("| arm"):
             assert line in recipes, line
+    for line in evidence.dump_markdown(main / "agpo-reuse" / "s3.groups.jsonl").splitlines():
+        assert line in recipes, line  # what the controllers did, from the committed dump
     vs = committed["arms"]["agpo-reuse"]["vs_control"]["auc"]
     assert len(committed["arms"]["agpo-reuse"]["seeds"]) == 16
-    readme = (ROOT / "README.md").read_text()
+    readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"{100 * vs['mean']:+.1f} points (95% interval {100 * vs['lo']:+.1f} to {100 * vs['hi']:+.1f})" in readme
+    assert f"would have seen {100 * vs['detectable']:.1f} points" in readme
     assert "docs/img/evidence-round2.png" in recipes and (ROOT / "docs" / "img" / "evidence-round2.png").is_file()
 
 
