@@ -32,9 +32,9 @@ Micro-batch losses are scaled so their sum is the loss of the whole step: the
 aggregations by their share of sequences (Dr. GRPO's normaliser is the completion cap).
 
 ``Trainer`` holds the state and runs the step; its parts live where a reader looks for
-them: the sampling phases and the probe in ``agpo.learn.phases`` (the refill rounds in ``agpo.learn.refill``), scoring and the update
-in ``agpo.learn.update``, the token-budget LR and stop rule in ``agpo.learn.schedule``,
-the metric helpers in ``agpo.learn.metrics``.
+them: the sampling phases and the probe in ``agpo.learn.phases`` (the refill rounds in
+``agpo.learn.refill``), scoring and the update in ``agpo.learn.update``, the token-budget
+LR and stop rule in ``agpo.learn.schedule``, the metric helpers in ``agpo.learn.metrics``.
 """
 
 from __future__ import annotations
