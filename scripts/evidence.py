@@ -361,7 +361,7 @@ def dump_markdown(path: Path) -> str:
     by: dict[int, list[tuple[float, float]]] = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        if r["trained"] and r["probe_pass"] is not None and r["eps"] is not None and r["tau"] is not None:
+        if r["probe_pass"] is not None and r["eps"] is not None and r["tau"] is not None:  # eps: trained
             by.setdefault(r["probe_pass"], []).append((r["eps"], r["tau"]))
     lines = ["| probe passes | groups | eps mean (sd) | tau mean (sd) |", "|---|---|---|---|"]
     for k in sorted(by):

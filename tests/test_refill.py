@@ -172,7 +172,7 @@ def test_agpo_step_refills_with_a_probe_per_round(warm, monkeypatch):
     merged statistics at the trained groups' step positions."""
     model, tok, train = warm
     cfg = small_cfg()
-    cfg.rollout.filter_groups, cfg.rollout.probe_size = True, 2
+    cfg.rollout.filter_groups, cfg.rollout.probe_size, cfg.controller.dispersion = True, 2, "std"
     probe1, probe2 = [0, 1, 1, 1, 0, 0, 0, 1], [1, 1, 0, 1, 0, 0, 1, 0]
     cfg.rollout.reward = _designed_rewards(probe1 + ROUND1 + probe2 + ROUND2)
     tr = Trainer(cfg, copy.deepcopy(model), tok, train)
@@ -186,8 +186,7 @@ def test_agpo_step_refills_with_a_probe_per_round(warm, monkeypatch):
     assert len(probe.sigma) == 8
     sd = lambda k: math.sqrt(k * (2 - k) / 2)  # unbiased sd of k ones among 2 binary rewards (std dispersion)
     pairs = [probe1[i:i + 2] for i in range(0, 8, 2)] + [probe2[i:i + 2] for i in range(0, 8, 2)]
-    if cfg.controller.dispersion == "std":
-        assert list(probe.sigma) == pytest.approx([sd(sum(p)) for p in pairs], abs=1e-9)
+    assert list(probe.sigma) == pytest.approx([sd(sum(p)) for p in pairs], abs=1e-9)
     # each trained group's eps from its own step position's statistics
     c, ctl = cfg.controller, tr.controller
     h = seen["h"].tolist()

@@ -162,7 +162,6 @@ class SamplingPhases:
             rnd = self._round(self.sampler.next(P), P * len(rounds))
             rounds.append(rnd)
             if not r.filter_groups:
-                useful = rnd.keep.clone()
                 break
             useful = torch.cat([useful, informative(rnd.all_rewards, rnd.probe_rewards if reuse else None)])
             if rnd.bad or int(useful.sum()) >= P or len(rounds) >= r.filter_rounds:
@@ -186,7 +185,6 @@ class SamplingPhases:
             start += x.size
         groups = trained.nonzero().view(-1)
         order = rank_order(owner[groups], W)
-        per = [int((owner[groups] == w).sum()) for w in range(W)]
         stats = None if bad or rounds[0].stats is None else merge_probe_stats([x.stats for x in rounds])
         if stats is not None:
             self.controller.probe, self.controller.probe_used = stats, False
@@ -201,7 +199,7 @@ class SamplingPhases:
                     all_rewards=torch.cat([x.all_rewards for x in rounds]),
                     all_probe_rewards=None if rounds[0].probe_rewards is None else
                     torch.cat([x.probe_rewards for x in rounds]),
-                    groups=groups, order=order, mine=order[sum(per[:self.env.rank]):sum(per[:self.env.rank + 1])],
+                    groups=groups, order=order, mine=(owner[groups] == self.env.rank).nonzero().view(-1),
                     probe_tokens=sum(x.probe.generated_tokens for x in rounds if x.probe is not None),
                     train_tokens=sum(x.roll.generated_tokens for x in rounds),
                     sync_seconds=sum(x.roll.sync_seconds + (x.probe.sync_seconds if x.probe else 0.0) for x in rounds),

@@ -32,11 +32,25 @@ from agpo.learn.batches import concat_batches
 from agpo.rollout import Rollout
 
 
+def rewards_differ(rewards: torch.Tensor) -> torch.Tensor:
+    """Bool ``[P]``: the groups whose rewards ``[P, G]`` are not all equal (NaN: False)."""
+    return (rewards.max(1).values - rewards.min(1).values).abs() > 1e-12
+
+
+def cat_logprobs(parts: list[Rollout]) -> torch.Tensor | None:
+    """The engine log-probs of rollouts' rows, one after the other, right-padded with 0 to
+    the widest (None unless every part has them)."""
+    if any(p.logprobs is None for p in parts):
+        return None
+    C = max(p.logprobs.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p.logprobs, (0, C - p.logprobs.shape[1])) for p in parts])
+
+
 def keep_groups(probe_rewards: torch.Tensor, world_size: int = 1) -> torch.Tensor:
     """Bool ``[P]``: the prompts whose probe rewards ``[P, Gp]`` are not all equal; in each
     rank's contiguous block of ``P / world_size`` prompts at least the first is kept when
     the filter would skip all of them."""
-    keep = (probe_rewards.max(1).values - probe_rewards.min(1).values).abs() > 1e-12
+    keep = rewards_differ(probe_rewards)
     per = probe_rewards.shape[0] // world_size
     for r in range(world_size):
         if not keep[r * per:(r + 1) * per].any():
@@ -56,12 +70,9 @@ def select_groups(roll: Rollout, groups: torch.Tensor) -> Rollout:
 def with_probe(train: Rollout, probe: Rollout) -> Rollout:
     """``train``'s rows, then ``probe``'s (the same prompts, in the same order): the batch an
     update with ``--probe-reuse`` trains on. Log-probs are kept only when both have them."""
-    logprobs = None
-    if train.logprobs is not None and probe.logprobs is not None:
-        C = max(train.logprobs.shape[1], probe.logprobs.shape[1])
-        logprobs = torch.cat([torch.nn.functional.pad(t, (0, C - t.shape[1])) for t in (train.logprobs, probe.logprobs)])
     return replace(train, batch=concat_batches([train.batch, probe.batch]), texts=train.texts + probe.texts,
-                   logprobs=logprobs, generated_tokens=train.generated_tokens + probe.generated_tokens)
+                   logprobs=cat_logprobs([train, probe]),
+                   generated_tokens=train.generated_tokens + probe.generated_tokens)
 
 
 def reuse_advantages(advantages, rewards: torch.Tensor, probe_rewards: torch.Tensor) -> torch.Tensor:

@@ -37,14 +37,16 @@ import torch
 
 from agpo.algo.controllers import ProbeStats
 from agpo.learn.batches import concat_batches
+from agpo.learn.probe import cat_logprobs, rewards_differ
 from agpo.rollout import Rollout
 
 
 def informative(rewards: torch.Tensor, probe_rewards: torch.Tensor | None = None) -> torch.Tensor:
     """Bool ``[S]``: the groups whose rewards ``[S, G]`` (with ``--probe-reuse``, pooled with
     their probe rewards ``[S, Gp]``: one advantage baseline over both) are not all equal."""
-    pooled = rewards if probe_rewards is None else torch.cat([rewards, probe_rewards.to(rewards.dtype)], 1)
-    return (pooled.max(1).values - pooled.min(1).values).abs() > 1e-12
+    if probe_rewards is not None:
+        rewards = torch.cat([rewards, probe_rewards.to(rewards.dtype)], 1)
+    return rewards_differ(rewards)
 
 
 def owners(round_sizes: list[int], world_size: int) -> torch.Tensor:
@@ -91,10 +93,6 @@ def join_rollouts(parts: list[Rollout]) -> Rollout:
     log-probs kept only when every part has them)."""
     if len(parts) == 1:
         return parts[0]
-    logprobs = None
-    if all(p.logprobs is not None for p in parts):
-        C = max(p.logprobs.shape[1] for p in parts)
-        logprobs = torch.cat([torch.nn.functional.pad(p.logprobs, (0, C - p.logprobs.shape[1])) for p in parts])
     return replace(parts[0], batch=concat_batches([p.batch for p in parts]), texts=[t for p in parts for t in p.texts],
-                   logprobs=logprobs, generated_tokens=sum(p.generated_tokens for p in parts),
+                   logprobs=cat_logprobs(parts), generated_tokens=sum(p.generated_tokens for p in parts),
                    seconds=sum(p.seconds for p in parts), sync_seconds=sum(p.sync_seconds for p in parts))
