@@ -519,6 +519,12 @@ def test_docs_quote_the_round_two_main_runs(tmp_path):
     assert f"{100 * vs['mean']:+.1f} points (95% interval {100 * vs['lo']:+.1f} to {100 * vs['hi']:+.1f})" in readme
     assert f"would have seen {100 * vs['detectable']:.1f} points" in readme
     assert "docs/img/evidence-round2.png" in recipes and (ROOT / "docs" / "img" / "evidence-round2.png").is_file()
+    prose = " ".join(recipes.split())  # the reading's figures, from the same records
+    clipped = [100 * committed["arms"][a]["controllers"]["loss/clip_frac"] for a in ("grpo16", "agpo-reuse")]
+    assert f"({clipped[0]:.1f}% of GRPO's tokens, {clipped[1]:.1f}% of AGPO's)" in prose
+    runs = evidence.load_runs(main, main)
+    steps = [r for arm in ("grpo16-refill", "agpo-reuse-refill") for run in runs[arm].values() for r in run["steps"]]
+    assert f"{100 * sum(r['filter/rounds'] > 1 for r in steps) / len(steps):.0f}% of the steps drew a second" in prose
 
 
 def test_paired_says_the_smallest_effect_the_design_can_see():
@@ -534,3 +540,26 @@ def test_paired_says_the_smallest_effect_the_design_can_see():
     assert r["hi"] - r["mean"] == pytest.approx(3.182 * sd / 2)
     assert r["detectable"] == pytest.approx((3.182 + 0.978) * sd / 2)
     assert r["p"] == pytest.approx(2 / 16)
+
+
+def test_a_run_from_the_shared_warm_up_is_the_run_that_warms_up(tmp_path):
+    """``run`` warms each seed up once and starts every arm from that model (``warm_start``):
+    the RL part logs what the run that warms up itself logs, number for number, and a second
+    arm of the seed reuses the warm-up."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    extra = ["--sft-steps", "25", "--test-size", "40", "--eval-size", "40", "--prompts-per-step", "4",
+             "--update-epochs", "2", "--eval-every", "2"]
+    args = evidence.run_args(tmp_path, "agpo-reuse", 1, 1000, extra)
+    assert evidence._train(args, tmp_path / "own") == 0
+    out, said = tmp_path / "ev", []
+    for arm in ("agpo-reuse", "grpo16"):
+        evidence.launch(out, arm, 1, 1000, extra, said.append)
+    assert len([m for m in said if m.startswith("warm-up")]) == 1 and len(list((out / "warmup").glob("*-s1"))) == 1
+    own, shared = rows(tmp_path / "own"), rows(evidence.run_dir(out, "agpo-reuse", 1))
+    assert len(own) >= 3 and own == shared
+    before = [json.loads((d / "summary.json").read_text())["accuracy_before"]
+              for d in (tmp_path / "own", evidence.run_dir(out, "agpo-reuse", 1))]
+    assert before[0] == before[1]
+    assert json.loads((evidence.run_dir(out, "agpo-reuse", 1) / "command.json").read_text()) == args
