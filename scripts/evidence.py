@@ -167,10 +167,10 @@ def _train(args: list[str], d: Path) -> int:
                                stderr=subprocess.STDOUT, env=env)
 
 
-def warm_start(out: Path, args: list[str], log) -> list[str] | None:
+def warm_start(warmups: Path, args: list[str], log) -> list[str] | None:
     """The ``agpo.train`` flags of the run ``args`` started from its seed's shared warm-up
     (None: the run has no warm-up). The warm-up depends on the seed and on ``WARM_SECTIONS``,
-    not on the arm: it runs once, as a one-step run in ``OUT/warmup/KEY-sSEED``, and every
+    not on the arm: it runs once, as a one-step run in ``WARMUPS/KEY-sSEED``, and every
     arm loads the ``reference/`` that run saved (its weights after the warm-up, before RL)
     through a ``--config`` of the arm's own resolved settings with the warm-up off. The RL part
     then sees what it would have after warming up itself: the same weights, problems and noise
@@ -180,7 +180,7 @@ def warm_start(out: Path, args: list[str], log) -> list[str] | None:
         return None
     seed = cfg["run"]["seed"]
     key = json.dumps({k: cfg[k] for k in WARM_SECTIONS}, sort_keys=True)
-    w = out / "warmup" / f"{hashlib.sha1(key.encode()).hexdigest()[:10]}-s{seed}"
+    w = warmups / f"{hashlib.sha1(key.encode()).hexdigest()[:10]}-s{seed}"
     with _warm_locks[w]:
         if not (w / "reference" / "config.json").is_file() or not (w / "summary.json").is_file():
             w.mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,7 @@ def warm_start(out: Path, args: list[str], log) -> list[str] | None:
     cfg["model"]["model"] = str(w / "reference")
     cfg["warmup"]["sft_steps"] = 0
     cfg["run"].pop("out_dir", None)
-    return ["--config", _write_yaml(out / "warmup" / "configs", cfg)]
+    return ["--config", _write_yaml(warmups / "configs", cfg)]
 
 
 def _write_yaml(folder: Path, cfg: dict) -> str:
@@ -206,7 +206,7 @@ def _write_yaml(folder: Path, cfg: dict) -> str:
 
 
 def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, results: Path | None = None,
-           picks: Path | None = None, dump_seed: int = 0) -> None:
+           picks: Path | None = None, dump_seed: int = 0, warmups: Path | None = None) -> None:
     d = run_dir(out, arm, seed)
     if results is not None and record_path(results, arm, seed).is_file():
         return  # finished on some machine, committed
@@ -219,7 +219,7 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, r
         if results is not None:
             write_record(d, record_path(results, arm, seed), args)
         return
-    started = warm_start(out, args, log)
+    started = warm_start(warmups or out / "warmup", args, log)
     d.mkdir(parents=True, exist_ok=True)
     (d / "command.json").write_text(json.dumps(args) + "\n")
     t0 = time.time()
@@ -229,6 +229,12 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, r
         raise SystemExit(f"{arm} seed {seed} failed (exit {rc}); see {d.parent / f's{seed}.log'}")
     if results is not None:
         write_record(d, record_path(results, arm, seed), args)
+
+
+def finished(out: Path, arm: str, seed: int, results: Path | None) -> bool:
+    """Whether the run has a record in ``results`` or has finished in ``out``."""
+    recorded = results is not None and record_path(results, arm, seed).is_file()
+    return recorded or (run_dir(out, arm, seed) / "summary.json").is_file()
 
 
 def cmd_run(a) -> None:
@@ -241,8 +247,15 @@ def cmd_run(a) -> None:
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
     log(f"{len(queue)} runs, {a.jobs} at a time, budget {a.budget} tokens each")
     results, picks = (Path(a.results) if a.results else None), (Path(a.lr_from) if a.lr_from else None)
+    warmups = Path(a.warmups) if a.warmups else out / "warmup"
     with ThreadPoolExecutor(a.jobs) as pool:
-        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first) for arm, s in queue]:
+        # the pending seeds' warm-ups first, side by side (a seed's arms would wait for its one)
+        todo = {s: arm for arm, s in reversed(queue) if not finished(out, arm, s, results)}
+        for f in [pool.submit(warm_start, warmups, run_args(out, arm, s, a.budget, a.extra, results, picks, first), log)
+                  for s, arm in todo.items()]:
+            f.result()
+        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first, warmups)
+                  for arm, s in queue]:
             f.result()
 
 
@@ -508,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", default=None, help="keep each finished run's record here (commit it); skip "
                                                      "the runs it holds")
     r.add_argument("--lr-from", default=None, help="a sweep's pick.json: each arm at its picked --lr")
+    r.add_argument("--warmups", default=None, help="where each seed's warm-up is kept (default OUT/warmup); give "
+                                                     "one folder to every experiment on a task to warm up once")
     r.add_argument("extra", nargs="*", help="after --: more agpo.train flags for every run")
     q = sub.add_parser("report", help="the table (markdown), report.json and the plot")
     q.add_argument("--out", default="runs/evidence")

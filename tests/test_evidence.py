@@ -451,7 +451,8 @@ def test_run_takes_seeds_from_first_seed_and_dumps_the_first(tmp_path, monkeypat
     import evidence
 
     calls = []
-    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, *a: calls.append((arm, s, a[-1])))
+    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, *a: calls.append((arm, s, a[-2])))
+    monkeypatch.setattr(evidence, "warm_start", lambda *a: None)
     evidence.main(["run", "--out", str(tmp_path), "--arms", "grpo16,agpo-reuse", "--seeds", "2", "--extra-seeds", "3",
                    "--first-seed", "3", "--jobs", "1"])
     assert sorted(calls) == sorted([("grpo16", 3, 3), ("grpo16", 4, 3), ("agpo-reuse", 3, 3), ("agpo-reuse", 4, 3),
@@ -542,24 +543,26 @@ def test_paired_says_the_smallest_effect_the_design_can_see():
     assert r["p"] == pytest.approx(2 / 16)
 
 
-def test_a_run_from_the_shared_warm_up_is_the_run_that_warms_up(tmp_path):
+def test_a_run_from_the_shared_warm_up_is_the_run_that_warms_up(tmp_path, capsys):
     """``run`` warms each seed up once and starts every arm from that model (``warm_start``):
-    the RL part logs what the run that warms up itself logs, number for number, and a second
-    arm of the seed reuses the warm-up."""
+    the RL part logs what the run that warms up itself logs, number for number, and the
+    seed's other arm reuses the warm-up."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import evidence
 
     extra = ["--sft-steps", "25", "--test-size", "40", "--eval-size", "40", "--prompts-per-step", "4",
              "--update-epochs", "2", "--eval-every", "2"]
-    args = evidence.run_args(tmp_path, "agpo-reuse", 1, 1000, extra)
+    args = evidence.run_args(tmp_path, "agpo-reuse", 1, 1000, extra, dump_seed=1)
     assert evidence._train(args, tmp_path / "own") == 0
-    out, said = tmp_path / "ev", []
-    for arm in ("agpo-reuse", "grpo16"):
-        evidence.launch(out, arm, 1, 1000, extra, said.append)
-    assert len([m for m in said if m.startswith("warm-up")]) == 1 and len(list((out / "warmup").glob("*-s1"))) == 1
-    own, shared = rows(tmp_path / "own"), rows(evidence.run_dir(out, "agpo-reuse", 1))
-    assert len(own) >= 3 and own == shared
-    before = [json.loads((d / "summary.json").read_text())["accuracy_before"]
-              for d in (tmp_path / "own", evidence.run_dir(out, "agpo-reuse", 1))]
+    out = tmp_path / "ev"
+    evidence.main(["run", "--out", str(out), "--arms", "agpo-reuse,grpo16", "--seeds", "1", "--extra-seeds", "1",
+                   "--first-seed", "1", "--budget", "1000", "--warmups", str(tmp_path / "w"), "--", *extra])
+    assert capsys.readouterr().out.count("warm-up of seed 1: exit 0") == 1
+    assert len(list((tmp_path / "w").glob("*-s1"))) == 1 and not (out / "warmup").exists()
+    shared = evidence.run_dir(out, "agpo-reuse", 1)
+    own = rows(tmp_path / "own")
+    assert len(own) >= 3 and own == rows(shared)
+    before = [json.loads((d / "summary.json").read_text())["accuracy_before"] for d in (tmp_path / "own", shared)]
     assert before[0] == before[1]
-    assert json.loads((evidence.run_dir(out, "agpo-reuse", 1) / "command.json").read_text()) == args
+    assert json.loads((shared / "command.json").read_text()) == args
+    assert (shared / "groups.jsonl").read_text() == (tmp_path / "own" / "groups.jsonl").read_text()
