@@ -506,6 +506,36 @@ def plot(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cmd_warmup_curve(a) -> None:
+    """Window loss and greedy held-out accuracy along one seed's warm-up (the run's own warm-up
+    loop), every ``--every`` steps, as JSON lines: how a task and its target loss are chosen."""
+    import torch
+
+    from agpo.config import config_from_args
+    from agpo.learn.launch import resolve_defaults, training_problems
+    from agpo.learn.policy import Policy
+    from agpo.learn.sft import supervised_warmup
+    from agpo.models import load_model_and_tokenizer
+    from agpo.tasks.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    cfg = resolve_defaults(config_from_args([*COMMON, "--seed", str(a.seed), "--eval-size", str(a.eval_size), *a.extra]))
+    train, test, _ = training_problems(cfg)
+    torch.manual_seed(a.seed)
+    model, tok = load_model_and_tokenizer(cfg.model.model, seed=a.seed, dtype=cfg.model.dtype, device="cpu",
+                                          attn=cfg.model.attn)
+
+    def watch(step: int, loss: float) -> None:
+        acc = evaluate(model, tok, test, max_new_tokens=cfg.rollout.max_new_tokens, seed=a.seed, progress=False,
+                       batch_size=64)["summary"]["accuracy"]
+        print(json.dumps({"flags": " ".join(a.extra), "seed": a.seed, "step": step, "window_loss": round(loss, 4),
+                          "accuracy": acc}), flush=True)
+
+    w = cfg.warmup
+    supervised_warmup(Policy(model, impl=cfg.loss.impl), tok, train, steps=a.steps, batch_size=w.sft_batch_size,
+                      lr=w.sft_lr, seed=a.seed, progress=False, every=a.every, watch=watch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -530,12 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", default=None, help="write the plot here (PNG)")
     k = sub.add_parser("pick", help="each arm's best learning rate of a sweep (pick.json)")
     k.add_argument("--sweep", required=True, help="a folder of lrX/ record folders")
+    c = sub.add_parser("warmup-curve", help="loss and held-out accuracy along one seed's warm-up (JSON lines)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=2500, help="warm-up steps (no target loss: the whole curve)")
+    c.add_argument("--every", type=int, default=250, help="evaluate after every this many steps")
+    c.add_argument("--eval-size", type=int, default=500, help="held-out problems per evaluation")
+    c.add_argument("extra", nargs="*", help="after --: the task's agpo.train flags")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    {"run": cmd_run, "report": cmd_report, "pick": cmd_pick}[a.cmd](a)
+    {"run": cmd_run, "report": cmd_report, "pick": cmd_pick, "warmup-curve": cmd_warmup_curve}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -566,3 +566,36 @@ def test_a_run_from_the_shared_warm_up_is_the_run_that_warms_up(tmp_path, capsys
     assert before[0] == before[1]
     assert json.loads((shared / "command.json").read_text()) == args
     assert (shared / "groups.jsonl").read_text() == (tmp_path / "own" / "groups.jsonl").read_text()
+
+
+def test_warmup_curve_follows_the_runs_own_warm_up(tmp_path):
+    """``warmup-curve`` evaluates along the warm-up a run does: its window loss at step 30 is
+    the one ``agpo.train`` reports after a 30-step warm-up of the same seed and task."""
+    base = [sys.executable, str(ROOT / "scripts" / "evidence.py")]
+    task = ["--arith-terms", "3", "--max-operand", "9", "--test-size", "20"]
+    r = subprocess.run([*base, "warmup-curve", "--seed", "2", "--steps", "30", "--every", "15", "--eval-size", "20",
+                        "--", *task], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    curve = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [c["step"] for c in curve] == [15, 30] and all(0 <= c["accuracy"] <= 1 for c in curve)
+    cfg = config_from_args([*task, "--seed", "2", "--sft-steps", "30", "--sft-target-loss", "0", "--steps", "1",
+                            "--prompts-per-step", "2", "--eval-size", "0", "--no-progress",
+                            "--save-every", "0", "--out-dir", str(tmp_path / "run")])
+    run(cfg)
+    warm = next(json.loads(line) for line in open(tmp_path / "run" / "events.jsonl") if '"warmup"' in line)
+    assert curve[-1]["window_loss"] == round(warm["sft/window_loss"], 4)
+    assert curve[0]["window_loss"] != curve[1]["window_loss"]
+
+
+def test_docs_say_why_the_harder_task_is_three_terms_of_two_digits():
+    """The recipes' reading of the warm-up pilot quotes its committed curves."""
+    rows = [json.loads(line) for line in open(ROOT / "docs" / "evidence" / "hard" / "warmup-pilot.jsonl")]
+    at = {(r["flags"], r["seed"], r["step"]): r for r in rows}
+    prose = " ".join((ROOT / "docs" / "recipes.md").read_text().split())
+    hard = [at["--arith-terms 3 --max-operand 999", s, 3000 if s == 1 else 2750] for s in (1, 2)]
+    assert (f"loss {hard[0]['window_loss']:.2f} and {hard[1]['window_loss']:.2f} after 3,000 and 2,750 steps"
+            in prose)
+    jump = [at["--arith-terms 2 --max-operand 999", 1, s]["accuracy"] for s in (1000, 1250)]
+    assert f"from {100 * jump[0]:.1f}% to {100 * jump[1]:.1f}% within 250 steps" in prose
+    smooth = [at["--arith-terms 3 --max-operand 99", s, 1500]["accuracy"] for s in (1, 2, 3)]
+    assert f"{100 * min(smooth):.1f}-{100 * max(smooth):.1f}% at 1,500 steps" in prose

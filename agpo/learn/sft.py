@@ -52,11 +52,14 @@ TARGET_WINDOW = 20
 
 def supervised_warmup(policy: Policy, tokenizer, problems: list[Problem], *, steps: int, batch_size: int,
                       lr: float, seed: int = 0, progress: bool = True,
-                      target_loss: float | None = None, agree=None) -> dict[str, float]:
+                      target_loss: float | None = None, agree=None, every: int = 0,
+                      watch=None) -> dict[str, float]:
     """AdamW steps of answer-token NLL on random batches of ``problems``: ``steps`` of them,
     or fewer when ``target_loss`` is given and the mean loss of the last ``TARGET_WINDOW``
     steps falls to it first (``sft/reached_target`` says whether it did). ``agree``: under
-    torchrun, a callable that makes every rank's stop decision the same (any rank's)."""
+    torchrun, a callable that makes every rank's stop decision the same (any rank's).
+    ``watch``: called as ``watch(step, window_loss)`` after every ``every``-th step (a
+    warm-up's curve; it may evaluate the model, whose mode it must leave as it found it)."""
     from tqdm.auto import tqdm
 
     model = policy.model
@@ -79,6 +82,8 @@ def supervised_warmup(policy: Policy, tokenizer, problems: list[Problem], *, ste
         loss_v, done = float(loss.detach()), done + 1
         recent = (recent + [loss_v])[-TARGET_WINDOW:]
         bar.set_postfix(loss=f"{loss_v:.3f}", refresh=False)
+        if watch is not None and done % every == 0:
+            watch(done, sum(recent) / len(recent))
         if target_loss is not None:
             reached = len(recent) == TARGET_WINDOW and sum(recent) / TARGET_WINDOW <= target_loss
             if agree(reached) if agree is not None else reached:
