@@ -133,11 +133,21 @@ def realised_eps(out: Path, results: Path | None = None) -> float:
     return round(sum(means) / len(means), 4)
 
 
+def sized(flags: list[str], group: int) -> list[str]:
+    """An arm's flags for the group size ``group`` (G) instead of 8: ``--group-size`` 8 becomes
+    G and 16 becomes 2G (the arms' names keep G = 8)."""
+    out = list(flags)
+    for i, f in enumerate(flags[:-1]):
+        if f == "--group-size":
+            out[i + 1] = str(group * int(flags[i + 1]) // 8)
+    return out
+
+
 def run_args(out: Path, arm: str, seed: int, budget: int, extra: list[str], results: Path | None = None,
-             picks: Path | None = None, dump_seed: int = 0) -> list[str]:
+             picks: Path | None = None, dump_seed: int = 0, group: int = 8) -> list[str]:
     """The ``agpo.train`` flags of one run (its ``--out-dir`` aside); ``dump_seed``'s runs
-    dump their groups."""
-    flags = list(ARMS[arm][1]) + lr_of(arm, picks)
+    dump their groups; ``group``: G (``sized``)."""
+    flags = sized(ARMS[arm][1], group) + lr_of(arm, picks)
     if arm == "grpo16-eps":
         flags += ["--eps-base", str(realised_eps(out, results))]
     if seed == dump_seed:  # what the controllers saw and chose, for one seed
@@ -206,11 +216,11 @@ def _write_yaml(folder: Path, cfg: dict) -> str:
 
 
 def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, results: Path | None = None,
-           picks: Path | None = None, dump_seed: int = 0, warmups: Path | None = None) -> None:
+           picks: Path | None = None, dump_seed: int = 0, warmups: Path | None = None, group: int = 8) -> None:
     d = run_dir(out, arm, seed)
     if results is not None and record_path(results, arm, seed).is_file():
         return  # finished on some machine, committed
-    args = run_args(out, arm, seed, budget, extra, results, picks, dump_seed)
+    args = run_args(out, arm, seed, budget, extra, results, picks, dump_seed, group)
     if (d / "summary.json").is_file():  # finished here: only if it was made with these very flags
         made = json.loads((d / "command.json").read_text()) if (d / "command.json").is_file() else None
         if made != args:
@@ -251,11 +261,11 @@ def cmd_run(a) -> None:
     with ThreadPoolExecutor(a.jobs) as pool:
         # the pending seeds' warm-ups first, side by side (a seed's arms would wait for its one)
         todo = {s: arm for arm, s in reversed(queue) if not finished(out, arm, s, results)}
-        for f in [pool.submit(warm_start, warmups, run_args(out, arm, s, a.budget, a.extra, results, picks, first), log)
-                  for s, arm in todo.items()]:
+        for f in [pool.submit(warm_start, warmups, run_args(out, arm, s, a.budget, a.extra, results, picks, first,
+                                                            a.group_size), log) for s, arm in todo.items()]:
             f.result()
-        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first, warmups)
-                  for arm, s in queue]:
+        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first, warmups,
+                              a.group_size) for arm, s in queue]:
             f.result()
 
 
@@ -547,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "the sweep did not pick the rate on); its runs dump groups")
     r.add_argument("--arms", default=",".join(ARMS))
     r.add_argument("--budget", type=int, default=90000, help="generated tokens per run, probe included")
+    r.add_argument("--group-size", type=int, default=8, help="G: the arms' groups of 8 get G samples, of 16 2G")
     r.add_argument("--jobs", type=int, default=2)
     r.add_argument("--results", default=None, help="keep each finished run's record here (commit it); skip "
                                                      "the runs it holds")

@@ -451,7 +451,7 @@ def test_run_takes_seeds_from_first_seed_and_dumps_the_first(tmp_path, monkeypat
     import evidence
 
     calls = []
-    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, *a: calls.append((arm, s, a[-2])))
+    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, *a: calls.append((arm, s, a[-3])))
     monkeypatch.setattr(evidence, "warm_start", lambda *a: None)
     evidence.main(["run", "--out", str(tmp_path), "--arms", "grpo16,agpo-reuse", "--seeds", "2", "--extra-seeds", "3",
                    "--first-seed", "3", "--jobs", "1"])
@@ -459,6 +459,8 @@ def test_run_takes_seeds_from_first_seed_and_dumps_the_first(tmp_path, monkeypat
                                     ("agpo-reuse", 5, 3)])
     assert "--dump-groups" in evidence.run_args(tmp_path, "grpo16", 3, 1000, [], dump_seed=3)
     assert "--dump-groups" not in evidence.run_args(tmp_path, "grpo16", 0, 1000, [], dump_seed=3)
+    four = [evidence.run_args(tmp_path, arm, 0, 1000, [], group=4) for arm in ("agpo-reuse", "grpo16")]
+    assert [f[f.index("--group-size") + 1] for f in four] == ["4", "8"]
 
 
 def test_report_counts_all_equal_groups_among_the_sampled_ones():
