@@ -259,13 +259,17 @@ def cmd_run(a) -> None:
     results, picks = (Path(a.results) if a.results else None), (Path(a.lr_from) if a.lr_from else None)
     warmups = Path(a.warmups) if a.warmups else out / "warmup"
     with ThreadPoolExecutor(a.jobs) as pool:
-        # the pending seeds' warm-ups first, side by side (a seed's arms would wait for its one)
-        todo = {s: arm for arm, s in reversed(queue) if not finished(out, arm, s, results)}
-        for f in [pool.submit(warm_start, warmups, run_args(out, arm, s, a.budget, a.extra, results, picks, first,
-                                                            a.group_size), log) for s, arm in todo.items()]:
-            f.result()
-        for f in [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first, warmups,
-                              a.group_size) for arm, s in queue]:
+        # the pending seeds' warm-ups first, side by side and in the runs' order (a seed's runs
+        # would each wait for its one)
+        todo: dict[int, str] = {}
+        for arm, s in queue:
+            if not finished(out, arm, s, results):
+                todo.setdefault(s, arm)
+        jobs = [pool.submit(warm_start, warmups, run_args(out, arm, s, a.budget, a.extra, results, picks, first,
+                                                          a.group_size), log) for s, arm in todo.items()]
+        jobs += [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first, warmups,
+                             a.group_size) for arm, s in queue]
+        for f in jobs:
             f.result()
 
 
