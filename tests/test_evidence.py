@@ -474,13 +474,18 @@ def test_report_counts_all_equal_groups_among_the_sampled_ones():
     assert evidence.mean_of(evidence.sampled_view(steps[:1]), "reward/zero_std_frac") == 0.25
 
 
-def test_docs_quote_the_round_two_sweep():
+TASKS = ("embedded",)
+"""The tasks of round two whose records docs/recipes.md quotes (docs/evidence/TASK/)."""
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_docs_quote_the_round_two_sweep(task):
     """docs/recipes.md's learning-rate sweep table is `pick`'s, from the committed pick.json,
     and that pick.json is what `pick` computes from the committed sweep records."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import evidence
 
-    sweep = ROOT / "docs" / "evidence" / "embedded" / "sweep"
+    sweep = ROOT / "docs" / "evidence" / task / "sweep"
     committed = json.loads((sweep / "pick.json").read_text())
     recipes = (ROOT / "docs" / "recipes.md").read_text()
     for line in evidence.pick_markdown(committed).splitlines():
@@ -495,16 +500,16 @@ def test_docs_quote_the_round_two_sweep():
             assert value == pytest.approx(want, abs=1e-12), (arm, lr)
 
 
-def test_docs_quote_the_round_two_main_runs(tmp_path):
-    """docs/recipes.md's round-2 tables are `report`'s from the committed records (report.json
-    is what `report` computes from them), and the README quotes its primary result: AGPO
-    with probe reuse against GRPO-2G, the paired area under the curve, with its interval."""
+def quoted_report(task: str, tmp_path: Path) -> dict:
+    """docs/evidence/TASK/main/report.json, checked: it is what `report` computes from the
+    committed records beside it, and docs/recipes.md holds its tables and the groups dump of
+    AGPO + reuse's seed 3."""
     import shutil
 
     sys.path.insert(0, str(ROOT / "scripts"))
     import evidence
 
-    main = ROOT / "docs" / "evidence" / "embedded" / "main"
+    main = ROOT / "docs" / "evidence" / task / "main"
     committed = json.loads((main / "report.json").read_text())
     copy = tmp_path / "main"
     shutil.copytree(main, copy, ignore=shutil.ignore_patterns("report.json"))
@@ -516,8 +521,21 @@ def test_docs_quote_the_round_two_main_runs(tmp_path):
             assert line in recipes, line
     for line in evidence.dump_markdown(main / "agpo-reuse" / "s3.groups.jsonl").splitlines():
         assert line in recipes, line  # what the controllers did, from the committed dump
-    vs = committed["arms"]["agpo-reuse"]["vs_control"]["auc"]
     assert len(committed["arms"]["agpo-reuse"]["seeds"]) == 16
+    return committed
+
+
+def test_docs_quote_the_round_two_main_runs(tmp_path):
+    """docs/recipes.md's round-2 tables on the embedded task are `report`'s from the committed
+    records, and the README quotes its primary result: AGPO with probe reuse against
+    GRPO-2G, the paired area under the curve, with its interval."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    committed = quoted_report("embedded", tmp_path)
+    main = ROOT / "docs" / "evidence" / "embedded" / "main"
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    vs = committed["arms"]["agpo-reuse"]["vs_control"]["auc"]
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"{100 * vs['mean']:+.1f} points (95% interval {100 * vs['lo']:+.1f} to {100 * vs['hi']:+.1f})" in readme
     assert f"would have seen {100 * vs['detectable']:.1f} points" in readme
