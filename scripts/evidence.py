@@ -12,9 +12,9 @@ curve, in ``DIR/pick.json``, which ``run --lr-from`` applies arm by arm.
 
 Every arm is the tiny preset on its embedded task after the same warm-up (each seed's
 warm-up, prompt order and sampling noise are shared by all its arms: common random
-numbers; ``run`` warms each seed up once, in ``OUT/warmup/``, and starts its arms from that
-model: ``warm_start``), 4 update epochs, a constant learning rate and the same budget of generated
-tokens with the probe's counted. Arms (``ARMS``): AGPO; GRPO with groups of 2G (the
+numbers; ``run`` warms each seed up once, in ``OUT/warmup/``, and starts its arms from
+that model: ``warm_start``), 4 update epochs, a constant learning rate and the same budget
+of generated tokens with the probe's counted. Arms (``ARMS``): AGPO; GRPO with groups of 2G (the
 primary control: the same tokens and updates); GRPO with groups of G (twice the steps);
 GRPO at AGPO's realised mean eps; AGPO training on its probe; AGPO whose probe filters
 prompts; GRPO 2G with AGPO's clip fed by the train group's own statistics (no probe, every
@@ -285,7 +285,19 @@ def read_run(d: Path) -> dict:
     curve.append((summary["tokens_generated"], summary["accuracy_after"]))
     config = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
     eps_base = (config.get("controller") or {}).get("eps_base")
-    return {"summary": summary, "curve": curve, "steps": steps, "eps_base": eps_base}
+    return {"summary": summary, "curve": curve, "steps": steps, "eps_base": eps_base, "warmup": warmup_of(d, config)}
+
+
+def warmup_of(d: Path, config: dict) -> dict | None:
+    """The outcome of the warm-up the run in ``d`` started from (``sft/steps``, ``sft/window_loss``,
+    ...): its own, or that of the shared warm-up whose ``reference/`` it loaded (``warm_start``)."""
+    start = Path(str((config.get("model") or {}).get("model", "")))
+    for run in (d, start.parent) if start.name == "reference" else (d,):
+        for line in open(run / "events.jsonl") if (run / "events.jsonl").is_file() else ():
+            event = json.loads(line)
+            if event.get("event") == "warmup":
+                return {k: v for k, v in event.items() if k != "event"}
+    return None
 
 
 def at_tokens(curve: list[tuple[int, float]], t: float) -> float:

@@ -586,6 +586,10 @@ def test_a_run_from_the_shared_warm_up_is_the_run_that_warms_up(tmp_path, capsys
     assert before[0] == before[1]
     assert json.loads((shared / "command.json").read_text()) == args
     assert (shared / "groups.jsonl").read_text() == (tmp_path / "own" / "groups.jsonl").read_text()
+    warm = [evidence.read_run(d)["warmup"] for d in (tmp_path / "own", shared)]
+    for w in warm:  # the record says how the start was made
+        w.pop("sft/seconds")
+    assert warm[0]["sft/steps"] == 25 and warm[0] == warm[1]
 
 
 def test_warmup_curve_follows_the_runs_own_warm_up(tmp_path):
