@@ -47,12 +47,13 @@ from pathlib import Path
 import yaml
 
 ARMS = {  # name -> (label, agpo.train flags, --eval-every)
-    "agpo": ("AGPO (probe G + train G)", ["--algo", "agpo", "--group-size", "8"], 10),
+    "agpo": ("AGPO (probe G + train G)", ["--algo", "agpo", "--group-size", "8", "--no-probe-reuse"], 10),
     "grpo16": ("GRPO, groups of 2G", ["--algo", "grpo", "--group-size", "16"], 10),
     "grpo8": ("GRPO, groups of G, 2x steps", ["--algo", "grpo", "--group-size", "8"], 20),
     "grpo16-eps": ("GRPO 2G at AGPO's mean eps", ["--algo", "grpo", "--group-size", "16"], 10),
     "agpo-reuse": ("AGPO + probe reuse", ["--algo", "agpo", "--group-size", "8", "--probe-reuse"], 10),
-    "agpo-filter": ("AGPO + probe filter", ["--algo", "agpo", "--group-size", "8", "--probe-filter"], 10),
+    "agpo-filter": ("AGPO + probe filter", ["--algo", "agpo", "--group-size", "8", "--probe-filter",
+                                            "--no-probe-reuse"], 10),
     "grpo16-trainclip": ("GRPO 2G, AGPO's clip from the train group (no probe)",
                          ["--algo", "grpo", "--group-size", "16", "--adaptive-clip", "--clip-from-train"], 10),
     "grpo16-passclip": ("GRPO 2G, clip from the pass count alone",

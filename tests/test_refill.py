@@ -173,6 +173,7 @@ def test_agpo_step_refills_with_a_probe_per_round(warm, monkeypatch):
     model, tok, train = warm
     cfg = small_cfg()
     cfg.rollout.filter_groups, cfg.rollout.probe_size, cfg.controller.dispersion = True, 2, "std"
+    cfg.rollout.probe_reuse = False  # the probe trains nothing: the trained groups are the train groups alone
     probe1, probe2 = [0, 1, 1, 1, 0, 0, 0, 1], [1, 1, 0, 1, 0, 0, 1, 0]
     cfg.rollout.reward = _designed_rewards(probe1 + ROUND1 + probe2 + ROUND2)
     tr = Trainer(cfg, copy.deepcopy(model), tok, train)

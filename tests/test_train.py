@@ -112,7 +112,7 @@ def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
     uncertainty (``w_e = 0``) force known, distinct temperatures on every machine."""
     model, tok, train = warm
     cfg = small_cfg()
-    cfg.controller.w_e = 0.0
+    cfg.controller.w_e, cfg.rollout.probe_reuse = 0.0, False  # the loss sees the train rows alone
     cfg.rollout.reward = _designed_rewards([0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1])
     sigmas = [0.0, 0.5, (1 / 3) ** 0.5, 0.5]
     tr = Trainer(cfg, copy.deepcopy(model), tok, train)

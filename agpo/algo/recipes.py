@@ -25,6 +25,8 @@ for why each differs).
   Trainer defaults their examples run with);
 - nucleus sampling with top_p 0.9 and no top-k (EX ``top_p: 0.9``, ``top_k: 0``;
   GA's own defaults, 0.7 and 50, are overridden by every example);
+- the probe group computes the controllers' statistics and trains nothing (UT), where the
+  project's default trains on it too (``--probe-reuse``);
 - under LoRA their reference model is absent, so their KL term is identically zero
   (UT: ``_compute_ref_kl`` returns 0 when ``ref_model`` is None, which every example's
   ``finetuning_type: lora`` gives): the recipe sets beta 0 with LoRA unless a beta is given.
@@ -57,7 +59,7 @@ RECIPES: dict[str, dict[str, dict]] = {
                   "schedule": "cosine", "warmup_ratio": 0.1, "min_lr_ratio": 0.0, "grad_clip": 1.0},
         "loss": {"beta": 0.03, "kl_estimator": "k1", "loss_agg": "seq-mean-token-mean", "eps_high_offset": 0.0,
                  "score_temperature": "one", "entropy_coef": 0.0, "dual_clip": None},
-        "rollout": {"group_size": 8, "top_p": 0.9},
+        "rollout": {"group_size": 8, "top_p": 0.9, "probe_reuse": False},
         "controller": {"vote_keys": "raw", "uncertainty_floor": 1e-8, "baseline_min": 0.0},
     },
 }

@@ -95,9 +95,11 @@ class RolloutConfig:
     """Samples per prompt (G) of the train group (and of the probe group unless --probe-size)."""
     probe_size: int | None = None
     """Samples per prompt of AGPO's probe group (None: --group-size, as the paper)."""
-    probe_reuse: bool = False
+    probe_reuse: bool | None = None
     """Train on the probe samples too (AGPO): they are on-policy samples at tau_base, so each
-    prompt's step learns from G + probe-size samples with one advantage baseline over them."""
+    prompt's step learns from G + probe-size samples with one advantage baseline over them.
+    None: on wherever there is a probe (AGPO), except under the paper recipes, whose probe
+    trains nothing as the authors' does; --no-probe-reuse for that design."""
     probe_filter: bool = False
     """Skip the train group of a prompt whose probe rewards are all equal (AGPO): its train
     group would most likely be all-equal too, with zero advantage. The skipped share is
@@ -396,7 +398,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         r = self.rollout
-        used = [f for f, on in (("--probe-size", r.probe_size is not None), ("--probe-reuse", r.probe_reuse),
+        used = [f for f, on in (("--probe-size", r.probe_size is not None), ("--probe-reuse", r.probe_reuse is True),
                                 ("--probe-filter", r.probe_filter)) if on]
         if used and not self.controller.needs_probe:
             raise ConfigError(f"{', '.join(used)}: GRPO draws no probe group; use --algo agpo (or switch a "
@@ -409,6 +411,14 @@ class TrainConfig:
                 raise ConfigError("--clip-from-train: the clip reads the train group's statistics, and the "
                                   "temperature would need them before that group is sampled: use --adaptive-clip "
                                   "with --no-adaptive-temp (e.g. --algo grpo --adaptive-clip --clip-from-train)")
+
+    @property
+    def reuses_probe(self) -> bool:
+        """Whether the step trains on its probe's samples: ``--probe-reuse`` as given, else
+        wherever there is a probe (the paper recipes give False)."""
+        if self.rollout.probe_reuse is not None:
+            return self.rollout.probe_reuse
+        return self.controller.needs_probe and not self.rollout.clip_from_train
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

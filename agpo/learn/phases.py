@@ -155,7 +155,7 @@ class SamplingPhases:
         differ (at most ``--filter-rounds``; ``agpo.learn.refill``). Sets the controller's
         probe statistics to the step's (all rounds', in order)."""
         r, W = self.cfg.rollout, self.env.world_size
-        P, reuse = r.prompts_per_step, r.probe_reuse
+        P, reuse = r.prompts_per_step, self.cfg.reuses_probe
         rounds: list[Round] = []
         useful = torch.zeros(0, dtype=torch.bool)
         while True:

@@ -155,7 +155,7 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         self.engine.idle()  # no rollout before the update: a colocated engine frees its memory
         self.last_step_tokens = int(all_reduce_sum({"t": float(d.probe_tokens + d.train_tokens)}, self.env)["t"])
         trained, n_train = roll, roll.batch.rows  # the rows the update learns from; the train group's first
-        if cfg.rollout.probe_reuse:
+        if cfg.reuses_probe:
             trained = with_probe(roll, d.probe)
             adv = reuse_advantages(ctl.advantages, rewards, d.probe_rewards)
         else:
@@ -188,7 +188,7 @@ class Trainer(SamplingPhases, UpdatePass, TokenBudgetSchedule):
         else:
             eps_mine = eps[d.mine]
             eps_rows = eps_mine.repeat_interleave(G)
-            if cfg.rollout.probe_reuse:
+            if cfg.reuses_probe:
                 eps_rows = torch.cat([eps_rows, eps_mine.repeat_interleave(d.probe.group_size)])
             m.update(self.update(batch, adv, eps_rows, old_logp, ref_logp, is_weight))
         t_update = time.perf_counter() - t0
