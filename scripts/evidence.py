@@ -545,7 +545,8 @@ def cmd_warmup_curve(a) -> None:
     from agpo.tasks.evaluate import evaluate
 
     torch.set_num_threads(1)
-    cfg = resolve_defaults(config_from_args([*COMMON, "--seed", str(a.seed), "--eval-size", str(a.eval_size), *a.extra]))
+    flags = [*COMMON, "--seed", str(a.seed), "--eval-size", str(a.eval_size), *a.extra]
+    cfg = resolve_defaults(config_from_args(flags))
     train, test, _ = training_problems(cfg)
     torch.manual_seed(a.seed)
     model, tok = load_model_and_tokenizer(cfg.model.model, seed=a.seed, dtype=cfg.model.dtype, device="cpu",

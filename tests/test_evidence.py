@@ -629,7 +629,8 @@ def test_the_harder_task_starts_low_but_not_at_zero():
     """What docs/recipes.md says of the harder task's warm-up holds for every committed run of
     it: the warm-up reached its target loss, and RL starts under 10% held-out accuracy but
     above 0 (the pilot's seeds that started at 0.4-1.4% learned nothing)."""
-    records = [json.loads(f.read_text()) for f in sorted((ROOT / "docs" / "evidence" / "hard").glob("[sm]*/**/s*.json"))]
+    hard = ROOT / "docs" / "evidence" / "hard"
+    records = [json.loads(f.read_text()) for f in sorted(hard.glob("[sm]*/**/s*.json"))]
     assert len(records) >= 12
     for r in records:
         assert r["warmup"]["sft/reached_target"] == 1.0 and r["warmup"]["sft/window_loss"] <= 0.75
