@@ -474,7 +474,7 @@ def test_report_counts_all_equal_groups_among_the_sampled_ones():
     assert evidence.mean_of(evidence.sampled_view(steps[:1]), "reward/zero_std_frac") == 0.25
 
 
-TASKS = ("embedded",)
+TASKS = ("embedded", "hard")
 """The tasks of round two whose records docs/recipes.md quotes (docs/evidence/TASK/)."""
 
 
@@ -637,3 +637,8 @@ def test_the_harder_task_starts_low_but_not_at_zero():
         assert 0.02 < r["summary"]["accuracy_before"] < 0.10
     prose = " ".join((ROOT / "docs" / "recipes.md").read_text().split())
     assert "every seed starts RL at a low but nonzero pass rate, under 10%" in prose
+    sweep = [json.loads(f.read_text()) for f in sorted((hard / "sweep").glob("lr*/*/s*.json"))]
+    steps = sorted(r["warmup"]["sft/steps"] for r in sweep)
+    before = sorted(100 * r["summary"]["accuracy_before"] for r in sweep)
+    assert (f"warm-up stopped after {steps[0]:,}-{steps[-1]:,} steps, RL starting at {before[0]:.1f}-"
+            f"{before[-1]:.1f}%") in prose
