@@ -580,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "the runs it holds")
     r.add_argument("--lr-from", default=None, help="a sweep's pick.json: each arm at its picked --lr")
     r.add_argument("--warmups", default=None, help="where each seed's warm-up is kept (default OUT/warmup); give "
-                                                     "one folder to every experiment on a task to warm up once")
+                                                     "one folder to every experiment on a task to warm up once "
+                                                     "(one run command at a time per folder)")
     r.add_argument("extra", nargs="*", help="after --: more agpo.train flags for every run")
     q = sub.add_parser("report", help="the table (markdown), report.json and the plot")
     q.add_argument("--out", default="runs/evidence")
