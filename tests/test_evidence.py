@@ -642,4 +642,3 @@ def test_the_harder_task_starts_low_but_not_at_zero():
     before = sorted(100 * r["summary"]["accuracy_before"] for r in sweep)
     assert (f"warm-up stopped after {steps[0]:,}-{steps[-1]:,} steps, RL starting at {before[0]:.1f}-"
             f"{before[-1]:.1f}%") in prose
-
