@@ -627,18 +627,35 @@ def test_docs_say_why_the_harder_task_is_three_terms_of_two_digits():
 
 def test_the_harder_task_starts_low_but_not_at_zero():
     """What docs/recipes.md says of the harder task's warm-up holds for every committed run of
-    it: the warm-up reached its target loss, and RL starts under 10% held-out accuracy but
-    above 0 (the pilot's seeds that started at 0.4-1.4% learned nothing)."""
+    it: the warm-up reached its target loss, and RL starts low, at the quoted range, but
+    above 2% (the pilot's seeds that started at 0.4-1.4% learned nothing)."""
     hard = ROOT / "docs" / "evidence" / "hard"
     records = [json.loads(f.read_text()) for f in sorted(hard.glob("[sm]*/**/s*.json"))]
     assert len(records) >= 18
     for r in records:
         assert r["warmup"]["sft/reached_target"] == 1.0 and r["warmup"]["sft/window_loss"] <= 0.75
-        assert 0.02 < r["summary"]["accuracy_before"] < 0.10
+    start = sorted(100 * r["summary"]["accuracy_before"] for r in records)
+    assert start[0] > 2  # above the pilot's seeds that learned nothing
     prose = " ".join((ROOT / "docs" / "recipes.md").read_text().split())
-    assert "every seed starts RL at a low but nonzero pass rate, under 10%" in prose
+    assert f"(the runs below started at {start[0]:.0f}-{start[-1]:.0f}%)" in prose
     sweep = [json.loads(f.read_text()) for f in sorted((hard / "sweep").glob("lr*/*/s*.json"))]
     steps = sorted(r["warmup"]["sft/steps"] for r in sweep)
     before = sorted(100 * r["summary"]["accuracy_before"] for r in sweep)
     assert (f"warm-up stopped after {steps[0]:,}-{steps[-1]:,} steps, RL starting at {before[0]:.1f}-"
             f"{before[-1]:.1f}%") in prose
+
+
+def test_docs_quote_the_harder_task(tmp_path):
+    """docs/recipes.md's tables of the harder task are `report`'s from its committed records,
+    and the README quotes its primary result with the smallest effect the design sees."""
+    committed = quoted_report("hard", tmp_path)
+    vs = committed["arms"]["agpo-reuse"]["vs_control"]["auc"]
+    hard = ROOT / "docs" / "evidence" / "hard"
+    start = sorted(100 * json.loads(f.read_text())["summary"]["accuracy_before"]
+                   for f in hard.glob("[sm]*/**/s*.json"))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"harder task (three terms of 0-99, RL starting at {start[0]:.0f}-{start[-1]:.0f}%) AGPO with probe reuse differs by "
+            f"{100 * vs['mean']:+.1f} points (95% interval {100 * vs['lo']:+.1f} to {100 * vs['hi']:+.1f}; "
+            f"{100 * vs['detectable']:.1f} points detectable)") in readme
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    assert "docs/img/evidence-hard.png" in recipes and (ROOT / "docs" / "img" / "evidence-hard.png").is_file()
