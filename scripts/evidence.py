@@ -13,7 +13,7 @@ curve, in ``DIR/pick.json``, which ``run --lr-from`` applies arm by arm.
 Every arm is the tiny preset on its embedded task after the same warm-up (each seed's
 warm-up, prompt order and sampling noise are shared by all its arms: common random
 numbers; ``run`` warms each seed up once, in ``OUT/warmup/``, and starts its arms from
-that model: ``warm_start``), 4 update epochs, a constant learning rate and the same budget
+that model: ``evidence_warmup``), 4 update epochs, a constant learning rate and the same budget
 of generated tokens with the probe's counted. Arms (``ARMS``): AGPO; GRPO with groups of 2G (the
 primary control: the same tokens and updates); GRPO with groups of G (twice the steps);
 GRPO at AGPO's realised mean eps; AGPO training on its probe; AGPO whose probe filters
@@ -30,21 +30,17 @@ collapse counts, spread across seeds, and the controllers' trajectories.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import random
 import statistics
-import subprocess
-import sys
-import threading
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+
+from evidence_warmup import train, warm_start, warmup_of
 
 ARMS = {  # name -> (label, agpo.train flags, --eval-every)
     "agpo": ("AGPO (probe G + train G)", ["--algo", "agpo", "--group-size", "8", "--no-probe-reuse"], 10),
@@ -157,65 +153,6 @@ def run_args(out: Path, arm: str, seed: int, budget: int, extra: list[str], resu
             *extra]
 
 
-WARM_SECTIONS = ("model", "data", "warmup")
-"""The config sections the warm-up depends on (with the seed): runs that agree on them share it."""
-_warm_locks: dict[Path, threading.Lock] = defaultdict(threading.Lock)
-
-
-def _resolved(args: list[str]) -> dict:
-    """The config ``agpo.train`` would run with ``args``, every default the preset fills in filled."""
-    from agpo.config import config_from_args
-    from agpo.learn.launch import resolve_defaults
-
-    return resolve_defaults(config_from_args(args)).to_dict()
-
-
-def _train(args: list[str], d: Path) -> int:
-    """One ``agpo.train`` run in ``d`` on one thread, its output in ``d``'s log; its exit status."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(d.parent / f"{d.name}.log", "w") as f:
-        return subprocess.call([sys.executable, "-m", "agpo.train", *args, "--out-dir", str(d)], stdout=f,
-                               stderr=subprocess.STDOUT, env=env)
-
-
-def warm_start(warmups: Path, args: list[str], log) -> list[str] | None:
-    """The ``agpo.train`` flags of the run ``args`` started from its seed's shared warm-up
-    (None: the run has no warm-up). The warm-up depends on the seed and on ``WARM_SECTIONS``,
-    not on the arm: it runs once, as a one-step run in ``WARMUPS/KEY-sSEED``, and every
-    arm loads the ``reference/`` that run saved (its weights after the warm-up, before RL)
-    through a ``--config`` of the arm's own resolved settings with the warm-up off. The RL part
-    then sees what it would have after warming up itself: the same weights, problems and noise
-    streams (``tests/test_evidence.py`` compares the two runs' metrics)."""
-    cfg = _resolved(args)
-    if not cfg["warmup"]["sft_steps"]:
-        return None
-    seed = cfg["run"]["seed"]
-    key = json.dumps({k: cfg[k] for k in WARM_SECTIONS}, sort_keys=True)
-    w = warmups / f"{hashlib.sha1(key.encode()).hexdigest()[:10]}-s{seed}"
-    with _warm_locks[w]:
-        if not (w / "reference" / "config.json").is_file() or not (w / "summary.json").is_file():
-            w.mkdir(parents=True, exist_ok=True)
-            t0 = time.time()
-            rc = _train([*args, "--steps", "1", "--eval-size", "0", "--save-every", "0"], w)
-            log(f"warm-up of seed {seed}: exit {rc} in {time.time() - t0:.0f} s")
-            if rc:
-                raise SystemExit(f"the warm-up of seed {seed} failed (exit {rc}); see {w}.log")
-    cfg["model"]["model"] = str(w / "reference")
-    cfg["warmup"]["sft_steps"] = 0
-    cfg["run"].pop("out_dir", None)
-    return ["--config", _write_yaml(warmups / "configs", cfg)]
-
-
-def _write_yaml(folder: Path, cfg: dict) -> str:
-    """``cfg`` as a YAML file in ``folder`` named by its content; the path."""
-    text = yaml.safe_dump(cfg, sort_keys=True)
-    path = folder / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():
-        path.write_text(text)
-    return str(path)
-
-
 def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, results: Path | None = None,
            picks: Path | None = None, dump_seed: int = 0, warmups: Path | None = None, group: int = 8) -> None:
     d = run_dir(out, arm, seed)
@@ -234,7 +171,7 @@ def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, r
     d.mkdir(parents=True, exist_ok=True)
     (d / "command.json").write_text(json.dumps(args) + "\n")
     t0 = time.time()
-    rc = _train(started or args, d)
+    rc = train(started or args, d)
     log(f"{arm} seed {seed}: exit {rc} in {time.time() - t0:.0f} s")
     if rc:
         raise SystemExit(f"{arm} seed {seed} failed (exit {rc}); see {d.parent / f's{seed}.log'}")
@@ -287,18 +224,6 @@ def read_run(d: Path) -> dict:
     config = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
     eps_base = (config.get("controller") or {}).get("eps_base")
     return {"summary": summary, "curve": curve, "steps": steps, "eps_base": eps_base, "warmup": warmup_of(d, config)}
-
-
-def warmup_of(d: Path, config: dict) -> dict | None:
-    """The outcome of the warm-up the run in ``d`` started from (``sft/steps``, ``sft/window_loss``,
-    ...): its own, or that of the shared warm-up whose ``reference/`` it loaded (``warm_start``)."""
-    start = Path(str((config.get("model") or {}).get("model", "")))
-    for run in (d, start.parent) if start.name == "reference" else (d,):
-        for line in open(run / "events.jsonl") if (run / "events.jsonl").is_file() else ():
-            event = json.loads(line)
-            if event.get("event") == "warmup":
-                return {k: v for k, v in event.items() if k != "event"}
-    return None
 
 
 def at_tokens(curve: list[tuple[int, float]], t: float) -> float:
@@ -546,7 +471,8 @@ def cmd_warmup_curve(a) -> None:
     from agpo.tasks.evaluate import evaluate
 
     torch.set_num_threads(1)
-    cfg = resolve_defaults(config_from_args([*COMMON, "--seed", str(a.seed), "--eval-size", str(a.eval_size), *a.extra]))
+    flags = [*COMMON, "--seed", str(a.seed), "--eval-size", str(a.eval_size), *a.extra]
+    cfg = resolve_defaults(config_from_args(flags))
     train, test, _ = training_problems(cfg)
     torch.manual_seed(a.seed)
     model, tok = load_model_and_tokenizer(cfg.model.model, seed=a.seed, dtype=cfg.model.dtype, device="cpu",
@@ -580,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "the runs it holds")
     r.add_argument("--lr-from", default=None, help="a sweep's pick.json: each arm at its picked --lr")
     r.add_argument("--warmups", default=None, help="where each seed's warm-up is kept (default OUT/warmup); give "
-                                                     "one folder to every experiment on a task to warm up once")
+                                                     "one folder to every experiment on a task to warm up once "
+                                                     "(one run command at a time per folder)")
     r.add_argument("extra", nargs="*", help="after --: more agpo.train flags for every run")
     q = sub.add_parser("report", help="the table (markdown), report.json and the plot")
     q.add_argument("--out", default="runs/evidence")

@@ -1,0 +1,156 @@
+"""The evidence in the docs: docs/recipes.md's and the README's tables and figures of the
+paired experiments are those the committed records give (scripts/evidence.py recomputes
+them in each test)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_docs_quote_the_committed_evidence():
+    """docs/recipes.md holds the report's tables as `report` prints them from
+    docs/img/evidence.json, and the README's AGPO-vs-GRPO claim is that file's primary result."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    result = json.loads((ROOT / "docs" / "img" / "evidence.json").read_text())
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    for line in evidence.markdown(result).splitlines():
+        if line.startswith("| ") and not line.startswith("| arm"):
+            assert line in recipes, line
+    vs = result["arms"]["agpo"]["vs_control"]["1.0"]
+    readme = (ROOT / "README.md").read_text()
+    side = "below" if vs["mean"] < 0 else "above"
+    assert f"{abs(100 * vs['mean']):.1f} points {side}" in readme
+    assert f"{100 * vs['lo']:.1f} to {100 * vs['hi']:.1f}" in readme
+    assert "docs/img/evidence.png" in recipes and (ROOT / "docs" / "img" / "evidence.png").is_file()
+
+
+TASKS = ("embedded", "hard")
+"""The tasks of round two whose records docs/recipes.md quotes (docs/evidence/TASK/)."""
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_docs_quote_the_round_two_sweep(task):
+    """docs/recipes.md's learning-rate sweep table is `pick`'s, from the committed pick.json,
+    and that pick.json is what `pick` computes from the committed sweep records."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    sweep = ROOT / "docs" / "evidence" / task / "sweep"
+    committed = json.loads((sweep / "pick.json").read_text())
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    for line in evidence.pick_markdown(committed).splitlines():
+        assert line in recipes, line
+    by_lr = {f.name[2:]: evidence.load_runs(f, f) for f in sorted(sweep.glob("lr*"))}
+    b = min(r["summary"]["tokens_generated"] for runs in by_lr.values() for v in runs.values() for r in v.values())
+    assert committed["at_tokens"] == b
+    for arm, aucs in committed["auc"].items():
+        for lr, value in aucs.items():
+            seeds = committed["seeds"][arm]
+            want = sum(evidence.auc(by_lr[lr][arm][s]["curve"], b) for s in seeds) / len(seeds)
+            assert value == pytest.approx(want, abs=1e-12), (arm, lr)
+
+
+def quoted_report(task: str, tmp_path: Path) -> dict:
+    """docs/evidence/TASK/main/report.json, checked: it is what `report` computes from the
+    committed records beside it, and docs/recipes.md holds its tables and the groups dump of
+    AGPO + reuse's seed 3."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    main = ROOT / "docs" / "evidence" / task / "main"
+    committed = json.loads((main / "report.json").read_text())
+    copy = tmp_path / "main"
+    shutil.copytree(main, copy, ignore=shutil.ignore_patterns("report.json"))
+    evidence.main(["report", "--results", str(copy)])
+    assert json.loads((copy / "report.json").read_text()) == committed
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    for line in evidence.markdown(committed).splitlines():
+        if line.startswith("| ") and not line.startswith("| arm"):
+            assert line in recipes, line
+    for line in evidence.dump_markdown(main / "agpo-reuse" / "s3.groups.jsonl").splitlines():
+        assert line in recipes, line  # what the controllers did, from the committed dump
+    assert len(committed["arms"]["agpo-reuse"]["seeds"]) == 16
+    return committed
+
+
+def test_docs_quote_the_round_two_main_runs(tmp_path):
+    """docs/recipes.md's round-2 tables on the embedded task are `report`'s from the committed
+    records, and the README quotes its primary result: AGPO with probe reuse against
+    GRPO-2G, the paired area under the curve, with its interval."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    committed = quoted_report("embedded", tmp_path)
+    main = ROOT / "docs" / "evidence" / "embedded" / "main"
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    vs = committed["arms"]["agpo-reuse"]["vs_control"]["auc"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{100 * vs['mean']:+.1f} points (95% interval {100 * vs['lo']:+.1f} to {100 * vs['hi']:+.1f})" in readme
+    assert f"would have seen {100 * vs['detectable']:.1f} points" in readme
+    assert "docs/img/evidence-round2.png" in recipes and (ROOT / "docs" / "img" / "evidence-round2.png").is_file()
+    prose = " ".join(recipes.split())  # the reading's figures, from the same records
+    clipped = [100 * committed["arms"][a]["controllers"]["loss/clip_frac"] for a in ("grpo16", "agpo-reuse")]
+    assert f"({clipped[0]:.1f}% of GRPO's tokens, {clipped[1]:.1f}% of AGPO's)" in prose
+    runs = evidence.load_runs(main, main)
+    steps = [r for arm in ("grpo16-refill", "agpo-reuse-refill") for run in runs[arm].values() for r in run["steps"]]
+    assert f"{100 * sum(r['filter/rounds'] > 1 for r in steps) / len(steps):.0f}% of the steps drew a second" in prose
+
+
+def test_docs_say_why_the_harder_task_is_three_terms_of_two_digits():
+    """The recipes' reading of the warm-up pilot quotes its committed curves."""
+    rows = [json.loads(line) for line in open(ROOT / "docs" / "evidence" / "hard" / "warmup-pilot.jsonl")]
+    at = {(r["flags"], r["seed"], r["step"]): r for r in rows}
+    prose = " ".join((ROOT / "docs" / "recipes.md").read_text().split())
+    hard = [at["--arith-terms 3 --max-operand 999", s, 3000 if s == 1 else 2750] for s in (1, 2)]
+    assert (f"loss {hard[0]['window_loss']:.2f} and {hard[1]['window_loss']:.2f} after 3,000 and 2,750 steps"
+            in prose)
+    jump = [at["--arith-terms 2 --max-operand 999", 1, s]["accuracy"] for s in (1000, 1250)]
+    assert f"from {100 * jump[0]:.1f}% to {100 * jump[1]:.1f}% within 250 steps" in prose
+    smooth = [at["--arith-terms 3 --max-operand 99", s, 1500]["accuracy"] for s in (1, 2, 3)]
+    assert f"{100 * min(smooth):.1f}-{100 * max(smooth):.1f}% at 1,500 steps" in prose
+
+
+def test_the_harder_task_starts_low_but_not_at_zero():
+    """What docs/recipes.md says of the harder task's warm-up holds for every committed run of
+    it: the warm-up reached its target loss, and RL starts low, at the quoted range, but
+    above 2% (the pilot's seeds that started at 0.4-1.4% learned nothing)."""
+    hard = ROOT / "docs" / "evidence" / "hard"
+    records = [json.loads(f.read_text()) for f in sorted(hard.glob("[sm]*/**/s*.json"))]
+    assert len(records) >= 18
+    for r in records:
+        assert r["warmup"]["sft/reached_target"] == 1.0 and r["warmup"]["sft/window_loss"] <= 0.75
+    start = sorted(100 * r["summary"]["accuracy_before"] for r in records)
+    assert start[0] > 2  # above the pilot's seeds that learned nothing
+    prose = " ".join((ROOT / "docs" / "recipes.md").read_text().split())
+    assert f"(the runs below started at {start[0]:.0f}-{start[-1]:.0f}%)" in prose
+    sweep = [json.loads(f.read_text()) for f in sorted((hard / "sweep").glob("lr*/*/s*.json"))]
+    steps = sorted(r["warmup"]["sft/steps"] for r in sweep)
+    before = sorted(100 * r["summary"]["accuracy_before"] for r in sweep)
+    assert (f"warm-up stopped after {steps[0]:,}-{steps[-1]:,} steps, RL starting at {before[0]:.1f}-"
+            f"{before[-1]:.1f}%") in prose
+
+
+def test_docs_quote_the_harder_task(tmp_path):
+    """docs/recipes.md's tables of the harder task are `report`'s from its committed records,
+    and the README quotes its primary result with the smallest effect the design sees."""
+    committed = quoted_report("hard", tmp_path)
+    vs = committed["arms"]["agpo-reuse"]["vs_control"]["auc"]
+    hard = ROOT / "docs" / "evidence" / "hard"
+    start = sorted(100 * json.loads(f.read_text())["summary"]["accuracy_before"]
+                   for f in hard.glob("[sm]*/**/s*.json"))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"harder task (three terms of 0-99, RL starting at {start[0]:.0f}-{start[-1]:.0f}%) AGPO with probe reuse differs by "
+            f"{100 * vs['mean']:+.1f} points (95% interval {100 * vs['lo']:+.1f} to {100 * vs['hi']:+.1f}; "
+            f"{100 * vs['detectable']:.1f} points detectable)") in readme
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    assert "docs/img/evidence-hard.png" in recipes and (ROOT / "docs" / "img" / "evidence-hard.png").is_file()
