@@ -8,7 +8,8 @@ With ``--results DIR`` (``run`` and ``report``) each finished run also leaves a 
 also ``sSEED.groups.jsonl``): commit those, and ``run`` on any machine skips what they hold
 and ``report`` needs nothing else. A learning-rate sweep is ``run`` once per rate (``-- --lr
 X`` into ``DIR/lrX``), then ``pick --sweep DIR``: each arm's rate of best mean area under the
-curve, in ``DIR/pick.json``, which ``run --lr-from`` applies arm by arm.
+curve, in ``DIR/pick.json``, which ``run --lr-from`` applies arm by arm. ``collect`` gathers
+every task's ``docs/evidence/TASK/main/report.json`` into ``docs/img/evidence.json``.
 
 Every arm is the tiny preset on its embedded task after the same warm-up (each seed's
 warm-up, prompt order and sampling noise are shared by all its arms: common random
@@ -458,6 +459,19 @@ def plot(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cmd_collect(a) -> None:
+    """Every task's main result (``EVIDENCE/TASK/main/report.json``) in one file, keyed by task:
+    the evidence the README and docs/recipes.md quote, for a reader who wants one file."""
+    root = Path(a.evidence)
+    result = {t.name: json.loads((t / "main" / "report.json").read_text())
+              for t in sorted(root.iterdir()) if (t / "main" / "report.json").is_file()}
+    if not result:
+        raise SystemExit(f"{root}: no TASK/main/report.json (run `report --results {root}/TASK/main` first)")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{a.out}: {', '.join(result)}")
+
+
 def cmd_warmup_curve(a) -> None:
     """Window loss and greedy held-out accuracy along one seed's warm-up (the run's own warm-up
     loop), every ``--every`` steps, as JSON lines: how a task and its target loss are chosen."""
@@ -515,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", default=None, help="write the plot here (PNG)")
     k = sub.add_parser("pick", help="each arm's best learning rate of a sweep (pick.json)")
     k.add_argument("--sweep", required=True, help="a folder of lrX/ record folders")
+    o = sub.add_parser("collect", help="every task's report.json in one file (docs/img/evidence.json)")
+    o.add_argument("--evidence", default="docs/evidence", help="a folder of TASK/main/report.json")
+    o.add_argument("--out", default="docs/img/evidence.json")
     c = sub.add_parser("warmup-curve", help="loss and held-out accuracy along one seed's warm-up (JSON lines)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--steps", type=int, default=2500, help="warm-up steps (no target loss: the whole curve)")
@@ -526,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    {"run": cmd_run, "report": cmd_report, "pick": cmd_pick, "warmup-curve": cmd_warmup_curve}[a.cmd](a)
+    {"run": cmd_run, "report": cmd_report, "pick": cmd_pick, "collect": cmd_collect,
+     "warmup-curve": cmd_warmup_curve}[a.cmd](a)
 
 
 if __name__ == "__main__":

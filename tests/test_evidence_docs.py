@@ -13,13 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_docs_quote_the_committed_evidence():
-    """docs/recipes.md holds the report's tables as `report` prints them from
-    docs/img/evidence.json, and the README's AGPO-vs-GRPO claim is that file's primary result."""
+def test_docs_quote_the_first_round():
+    """docs/recipes.md holds the first round's tables as `report` prints them from its committed
+    result, docs/evidence/round1/report.json, and the README quotes its primary result."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import evidence
 
-    result = json.loads((ROOT / "docs" / "img" / "evidence.json").read_text())
+    result = json.loads((ROOT / "docs" / "evidence" / "round1" / "report.json").read_text())
     recipes = (ROOT / "docs" / "recipes.md").read_text()
     for line in evidence.markdown(result).splitlines():
         if line.startswith("| ") and not line.startswith("| arm"):
@@ -58,10 +58,10 @@ def test_docs_quote_the_round_two_sweep(task):
             assert value == pytest.approx(want, abs=1e-12), (arm, lr)
 
 
-def quoted_report(task: str, tmp_path: Path) -> dict:
+def quoted_report(task: str, tmp_path: Path, seeds: int = 16, dump_seed: int = 3) -> dict:
     """docs/evidence/TASK/main/report.json, checked: it is what `report` computes from the
-    committed records beside it, and docs/recipes.md holds its tables and the groups dump of
-    AGPO + reuse's seed 3."""
+    committed records beside it, of ``seeds`` paired seeds, and docs/recipes.md holds its
+    tables and the groups dump of AGPO + reuse's first seed."""
     import shutil
 
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -77,9 +77,9 @@ def quoted_report(task: str, tmp_path: Path) -> dict:
     for line in evidence.markdown(committed).splitlines():
         if line.startswith("| ") and not line.startswith("| arm"):
             assert line in recipes, line
-    for line in evidence.dump_markdown(main / "agpo-reuse" / "s3.groups.jsonl").splitlines():
+    for line in evidence.dump_markdown(main / "agpo-reuse" / f"s{dump_seed}.groups.jsonl").splitlines():
         assert line in recipes, line  # what the controllers did, from the committed dump
-    assert len(committed["arms"]["agpo-reuse"]["seeds"]) == 16
+    assert len(committed["arms"]["agpo-reuse"]["seeds"]) == seeds
     return committed
 
 
@@ -154,3 +154,4 @@ def test_docs_quote_the_harder_task(tmp_path):
             f"{100 * vs['detectable']:.1f} points detectable)") in readme
     recipes = (ROOT / "docs" / "recipes.md").read_text()
     assert "docs/img/evidence-hard.png" in recipes and (ROOT / "docs" / "img" / "evidence-hard.png").is_file()
+

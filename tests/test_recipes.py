@@ -44,6 +44,31 @@ def test_paper_recipe_sets_the_authors_defaults_and_flags_win():
         config_from_args(["--recipe", "authors"])
 
 
+@pytest.mark.parametrize("args, reuses", [
+    ([], True), (["--no-probe-reuse"], False), (["--probe-reuse"], True),
+    (["--recipe", "paper"], False), (["--recipe", "paper", "--probe-reuse"], True),
+    (["--algo", "grpo"], False), (["--algo", "grpo", "--adaptive-clip", "--clip-from-train"], False),
+    (["--no-adaptive-temp"], True), (["--no-adaptive-clip"], True),
+])
+def test_agpo_trains_on_its_probe_by_default(args, reuses):
+    """Probe reuse is the default wherever a probe is drawn (the paired experiments of
+    docs/recipes.md); ``--no-probe-reuse`` and the paper recipe give the authors' design,
+    and the value round-trips through config.yaml."""
+    cfg = config_from_args(args)
+    assert cfg.reuses_probe is reuses
+    assert TrainConfig.from_dict(cfg.to_dict()).reuses_probe is reuses
+
+
+def test_probe_reuse_default_follows_a_later_change():
+    """The default is resolved when it is read, so a config changed after it was built (as
+    tests and library users do) does not keep a stale answer."""
+    cfg = config_from_args([])
+    cfg.controller.adaptive_clip = cfg.controller.adaptive_temp = False  # now GRPO: no probe
+    assert not cfg.reuses_probe
+    cfg.controller.adaptive_clip = True
+    assert cfg.reuses_probe
+
+
 def test_recipe_fields_exist():
     """Every value a recipe sets is a real config field (a typo would silently do nothing)."""
     base = TrainConfig().to_dict()

@@ -105,6 +105,27 @@ def _expected_tau(sigmas, baseline, ctl):
     return taus, baseline
 
 
+@pytest.mark.parametrize("reuse", [None, False], ids=["default", "no-probe-reuse"])
+def test_default_agpo_step_trains_on_its_probe(warm, monkeypatch, reuse):
+    """By default an AGPO step's update learns from each prompt's train group and its probe
+    (G + G rows, with the prompt's eps on both); ``--no-probe-reuse`` from the train group alone."""
+    model, tok, train = warm
+    cfg = small_cfg()
+    cfg.rollout.probe_reuse = reuse
+    tr = Trainer(cfg, copy.deepcopy(model), tok, train)
+    rows, real_loss = [], agpo.learn.policy.agpo_loss
+
+    def spy_loss(*a, **kw):
+        rows.append(kw["eps_low"].numel())
+        return real_loss(*a, **kw)
+
+    monkeypatch.setattr(agpo.learn.policy, "agpo_loss", spy_loss)
+    m = tr.step()
+    P, G, epochs = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.optim.update_epochs
+    assert m["tokens/generated_probe"] > 0
+    assert sum(rows) == epochs * P * (2 * G if reuse is None else G)
+
+
 def test_controllers_reach_loss_and_sampler(warm, monkeypatch):
     """The controllers' per-group tau reaches ``generate`` and the loss, their per-group eps
     the loss. The situation is built, not sampled: rewards designed per group (reward

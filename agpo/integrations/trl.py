@@ -74,7 +74,8 @@ class AGPOTRLConfig:
     """Train on the probe rows too (``agpo.train --probe-reuse``): each prompt's
     ``num_generations`` rows are then its train group (``num_generations - probe_size`` rows
     at its temperature) followed by its probe (``probe_size`` rows at ``tau_base``), with
-    advantages pooled over both; eps comes from the train rows' entropy."""
+    advantages pooled over both; eps comes from the train rows' entropy. Off unless set, though
+    ``agpo.train`` reuses by default: here it changes what ``num_generations`` counts."""
     stop: str | None = None
     """A stop string for plain-text prompts (a base model that goes on to invent the next
     question): generation stops there, and the completion is cut at it for the answers."""

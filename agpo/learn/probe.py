@@ -1,5 +1,6 @@
 """Making AGPO's probe group pay for itself: a probe that filters prompts, and probe samples
-trained on (neither is in the paper; both are off in ``--recipe paper``).
+trained on (neither is in the paper; both are off in ``--recipe paper``; reuse is on by
+default wherever there is a probe: ``TrainConfig.reuses_probe``).
 
 The paper draws a separate group per prompt at ``tau_base`` only to set the controllers,
 and never trains on it: at an equal budget of generated tokens an AGPO step then costs
