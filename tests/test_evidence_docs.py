@@ -101,6 +101,21 @@ def test_docs_quote_the_round_two_main_runs(tmp_path):
     prose = " ".join(recipes.split())  # the reading's figures, from the same records
     clipped = [100 * committed["arms"][a]["controllers"]["loss/clip_frac"] for a in ("grpo16", "agpo-reuse")]
     assert f"({clipped[0]:.1f}% of GRPO's tokens, {clipped[1]:.1f}% of AGPO's)" in prose
+    arms = committed["arms"]
+    diff = {a: {k: {s: 100 * arms[a]["vs_control"][k][s] for s in ("mean", "lo", "hi")} for k in ("auc", "1.0")}
+            for a in ("agpo", "grpo16-trainclip", "grpo16-passclip")}
+    published, train, passes = diff["agpo"], diff["grpo16-trainclip"]["auc"], diff["grpo16-passclip"]["auc"]
+    assert (f"by {published['auc']['mean']:+.1f} points of area (95% interval {published['auc']['lo']:+.1f} to "
+            f"{published['auc']['hi']:+.1f}) and {published['1.0']['mean']:+.1f} at the end") in prose
+    assert (f"{train['mean']:+.1f} points of area (the train group's own statistics, {train['lo']:+.1f} to "
+            f"{train['hi']:+.1f}) and {passes['mean']:+.1f} (the pass count alone, {passes['lo']:+.1f} to "
+            f"{passes['hi']:+.1f})") in prose
+    assert (f"AGPO as published, at its own picked rate, is still {-published['auc']['mean']:.1f} points of area "
+            f"below GRPO-2G (4 seeds, 95% interval {published['auc']['lo']:+.1f} to {published['auc']['hi']:+.1f})"
+            in readme)
+    binds = [100 * arms[a]["controllers"]["loss/clip_frac"] for a in ("grpo16-trainclip", "grpo16-passclip", "grpo16")]
+    assert f"binds on {binds[0]:.1f}% and {binds[1]:.1f}% of tokens, GRPO-2G's on {binds[2]:.1f}%" in prose
+    assert all(len(arms[a]["seeds"]) == 4 for a in ("agpo", "grpo16-trainclip", "grpo16-passclip"))
     runs = evidence.load_runs(main, main)
     steps = [r for arm in ("grpo16-refill", "agpo-reuse-refill") for run in runs[arm].values() for r in run["steps"]]
     assert f"{100 * sum(r['filter/rounds'] > 1 for r in steps) / len(steps):.0f}% of the steps drew a second" in prose
@@ -155,3 +170,17 @@ def test_docs_quote_the_harder_task(tmp_path):
     recipes = (ROOT / "docs" / "recipes.md").read_text()
     assert "docs/img/evidence-hard.png" in recipes and (ROOT / "docs" / "img" / "evidence-hard.png").is_file()
 
+
+
+def test_the_evidence_file_is_every_tasks_report(tmp_path):
+    """docs/img/evidence.json is what `collect` gathers from the committed reports, and on the
+    embedded task it holds the arms the second round compares: GRPO-2G, AGPO with probe reuse,
+    AGPO as published, and the two probe-free clips (train group, pass count)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    evidence.main(["collect", "--evidence", str(ROOT / "docs" / "evidence"), "--out", str(tmp_path / "e.json")])
+    committed = json.loads((ROOT / "docs" / "img" / "evidence.json").read_text())
+    assert json.loads((tmp_path / "e.json").read_text()) == committed
+    assert set(TASKS) <= set(committed)
+    assert {"grpo16", "agpo-reuse", "agpo", "grpo16-trainclip", "grpo16-passclip"} <= set(committed["embedded"]["arms"])
