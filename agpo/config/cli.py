@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import difflib
 import re
+import threading
 import types
 import typing
 from dataclasses import fields
@@ -84,8 +85,22 @@ def _resolve(kind, name: str):
     return tp, optional
 
 
+_DOCS: dict[type, dict[str, str]] = {}
+_DOCS_LOCK = threading.Lock()
+
+
 def _docs(kind) -> dict[str, str]:
-    """Field docstrings (the string literal after each field) for ``--help``."""
+    """Field docstrings (the string literal after each field) for ``--help``, read once per
+    class. Under a lock: ``inspect.getsource`` parses the module, and CPython 3.11's parser
+    can fail with "AST constructor recursion depth mismatch" when two threads parse at once
+    (cpython#106905), as ``scripts/evidence.py run`` builds configs from its worker threads."""
+    with _DOCS_LOCK:
+        if kind not in _DOCS:
+            _DOCS[kind] = _read_docs(kind)
+        return dict(_DOCS[kind])
+
+
+def _read_docs(kind) -> dict[str, str]:
     import ast
     import inspect
     import textwrap
