@@ -516,39 +516,3 @@ def test_warmup_curve_follows_the_runs_own_warm_up(tmp_path):
     warm = next(json.loads(line) for line in open(tmp_path / "run" / "events.jsonl") if '"warmup"' in line)
     assert curve[-1]["window_loss"] == round(warm["sft/window_loss"], 4)
     assert curve[0]["window_loss"] != curve[1]["window_loss"]
-
-
-def test_configs_are_built_from_several_threads_one_source_read_at_a_time(monkeypatch):
-    """``evidence.py run`` resolves its runs' configs from worker threads; the flags' help is
-    read from the config classes' source, which CPython 3.11 cannot parse in two threads at
-    once (cpython#106905). Each class's source is read once, one reader at a time."""
-    import inspect
-    import threading
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    import agpo.config.cli as cli
-
-    monkeypatch.setattr(cli, "_DOCS", {})
-    active, reads, real = [0], [], inspect.getsource
-
-    def slow_getsource(obj):
-        active[0] += 1
-        try:
-            assert active[0] == 1, "two threads read a config class's source at once"
-            time.sleep(0.02)  # long enough for the other threads to arrive
-            reads.append(obj)
-            return real(obj)
-        finally:
-            active[0] -= 1
-
-    monkeypatch.setattr(inspect, "getsource", slow_getsource)
-    barrier = threading.Barrier(4)
-
-    def build(_):
-        barrier.wait()
-        return cli.config_from_args(["--seed", "1"]).run.seed
-
-    with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(build, range(4))) == [1] * 4
-    assert reads and len(reads) == len(set(reads))  # each class once

@@ -1,6 +1,7 @@
 """``--recipe paper`` and the choices where the project and the paper's code differ:
 the scoring temperature, the controller's entropy temperature, the vote-entropy keys, the
-clamp metrics, and the task a model preset trains on (issue 19)."""
+clamp metrics, the task a model preset trains on (issue 19), whether the probe trains,
+and configs built from several threads."""
 
 import copy
 import math
@@ -183,3 +184,39 @@ def test_presets_choose_their_task(tmp_path):
     assert opts.generator_options == {"min_terms": 2, "max_digits": 2}
     with pytest.raises(ConfigError, match="--task-option"):
         config_from_args(["--task-option", "max_terms"])
+
+
+def test_configs_are_built_from_several_threads_one_source_read_at_a_time(monkeypatch):
+    """``evidence.py run`` resolves its runs' configs from worker threads; the flags' help is
+    read from the config classes' source, which CPython 3.11 cannot parse in two threads at
+    once (cpython#106905). Each class's source is read once, one reader at a time."""
+    import inspect
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import agpo.config.cli as cli
+
+    monkeypatch.setattr(cli, "_DOCS", {})
+    active, reads, real = [0], [], inspect.getsource
+
+    def slow_getsource(obj):
+        active[0] += 1
+        try:
+            assert active[0] == 1, "two threads read a config class's source at once"
+            time.sleep(0.02)  # long enough for the other threads to arrive
+            reads.append(obj)
+            return real(obj)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(inspect, "getsource", slow_getsource)
+    barrier = threading.Barrier(4)
+
+    def build(_):
+        barrier.wait()
+        return cli.config_from_args(["--seed", "1"]).run.seed
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(build, range(4))) == [1] * 4
+    assert reads and len(reads) == len(set(reads))  # each class once
