@@ -413,12 +413,18 @@ class TrainConfig:
                                   "with --no-adaptive-temp (e.g. --algo grpo --adaptive-clip --clip-from-train)")
 
     @property
+    def draws_probe(self) -> bool:
+        """Whether a step samples a probe group: a controller is on, and the clip does not read
+        the train group instead (``--clip-from-train``)."""
+        return self.controller.needs_probe and not self.rollout.clip_from_train
+
+    @property
     def reuses_probe(self) -> bool:
         """Whether the step trains on its probe's samples: ``--probe-reuse`` as given, else
         wherever there is a probe (the paper recipes give False)."""
         if self.rollout.probe_reuse is not None:
             return self.rollout.probe_reuse
-        return self.controller.needs_probe and not self.rollout.clip_from_train
+        return self.draws_probe
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -125,7 +125,7 @@ class SamplingPhases:
         m: dict[str, float] = {}
         probe = probe_rewards = None
         keep = torch.ones(n, dtype=torch.bool)
-        probing = cfg.controller.needs_probe and not cfg.rollout.clip_from_train
+        probing = cfg.draws_probe
         if probing:
             probe, probe_rewards, tau, keep = self._probe(problems, prompts, stop, offset + mine.start, m)
         else:
