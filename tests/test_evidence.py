@@ -444,6 +444,34 @@ def test_run_takes_seeds_from_first_seed_and_dumps_the_first(tmp_path, monkeypat
     assert [f[f.index("--group-size") + 1] for f in four] == ["4", "8"]
 
 
+def test_fixed_eps_arm_takes_agpos_realised_eps_from_the_records(tmp_path):
+    """``grpo16-eps`` runs GRPO-2G at AGPO's mean eps over its recorded steps (each run's mean,
+    then the runs' mean): AGPO as published where the experiment has it, else AGPO + probe
+    reuse (the SmolLM2 design); the flags it makes build the documented SmolLM2 run."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    def record(arm: str, seed: int, eps: list[float]) -> None:
+        path = evidence.record_path(tmp_path, arm, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"summary": {}, "curve": [], "steps": [{"eps/mean": e} for e in eps]}))
+
+    with pytest.raises(SystemExit, match="no finished agpo"):
+        evidence.realised_eps(tmp_path / "none", tmp_path)
+    record("agpo-reuse", 0, [0.1, 0.2])  # run mean 0.15
+    evidence.record_path(tmp_path, "agpo-reuse", 1).write_text(json.dumps(
+        {"summary": {}, "curve": [], "steps": [{"eps/mean": 0.12}, {"eps/mean": math.nan}, {"eps/mean": 0.14}]}))  # 0.13: NaN skipped
+    assert evidence.realised_eps(tmp_path / "none", tmp_path) == pytest.approx(0.14)
+    smol = ["--config", str(ROOT / "examples" / "smollm2_chain_sum.yaml"), "--prompts-per-step", "4",
+            "--max-new-tokens", "48", "--test-size", "64", "--eval-size", "64", "--eval-every", "2", "--lr", "2.5e-5"]
+    cfg = config_from_args(evidence.run_args(tmp_path / "none", "grpo16-eps", 1, 12000, smol, tmp_path, group=4))
+    ctl = cfg.controller
+    assert (ctl.adaptive_clip, ctl.adaptive_temp, cfg.rollout.group_size, ctl.eps_base) == (False, False, 8, 0.14)
+    assert (cfg.model.model, cfg.run.eval_every, cfg.data.test_size, cfg.optim.lr) == ("smollm2-135m", 2, 64, 2.5e-5)
+    record("agpo", 0, [0.3])  # the published arm, where there is one
+    assert evidence.realised_eps(tmp_path / "none", tmp_path) == pytest.approx(0.3)
+
+
 def test_report_counts_all_equal_groups_among_the_sampled_ones():
     """Under --filter-groups the logged zero-std share covers the trained groups only; the
     report's "all-equal groups" is the sampled share, 1 - filter/informative_frac."""

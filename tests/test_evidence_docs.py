@@ -171,11 +171,49 @@ def test_docs_quote_the_harder_task(tmp_path):
     assert "docs/img/evidence-hard.png" in recipes and (ROOT / "docs" / "img" / "evidence-hard.png").is_file()
 
 
+def test_docs_quote_the_smollm2_runs(tmp_path):
+    """docs/recipes.md's SmolLM2-135M tables are `report`'s from its committed records (4 paired
+    seeds, seed 0's groups dump), the fixed-eps arm ran at AGPO + reuse's realised eps, and the
+    README quotes both comparisons with their intervals."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evidence
+
+    committed = quoted_report("smollm2", tmp_path, seeds=4, dump_seed=0)
+    arms = committed["arms"]
+    main = ROOT / "docs" / "evidence" / "smollm2" / "main"
+    assert arms["grpo16-eps"]["eps_base"] == [evidence.realised_eps(tmp_path / "none", main)]
+    assert len(arms["grpo16-eps"]["seeds"]) == 4
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    reuse, fixed = (arms[a]["vs_control"]["auc"] for a in ("agpo-reuse", "grpo16-eps"))
+    side = "ahead of" if reuse["mean"] > 0 else "behind"
+    assert (f"AGPO with probe reuse is {side} GRPO-2G by {100 * abs(reuse['mean']):.1f} points of area (95% interval "
+            f"{100 * reuse['lo']:+.1f} to {100 * reuse['hi']:+.1f}; {100 * reuse['detectable']:.1f} points "
+            "detectable)") in readme
+    assert (f"GRPO-2G at AGPO's mean eps ({arms['grpo16-eps']['eps_base'][0]}) differs from GRPO-2G by "
+            f"{100 * fixed['mean']:+.1f} ({100 * fixed['lo']:+.1f} to {100 * fixed['hi']:+.1f})") in readme
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    assert "docs/img/evidence-smollm2.png" in recipes and (ROOT / "docs" / "img" / "evidence-smollm2.png").is_file()
+    # "on every seed": AGPO + reuse's area is above both GRPO arms' on each seed, by the quoted range
+    runs, b = evidence.load_runs(main, main), float(committed["compared_at_tokens"]["1.0"])
+    area = {a: [evidence.auc(runs[a][s]["curve"], b) for s in range(4)] for a in arms}
+    ahead = [100 * (x - y) for x, y in zip(area["agpo-reuse"], area["grpo16"])]
+    assert all(x > y for other in ("grpo16", "grpo16-eps") for x, y in zip(area["agpo-reuse"], area[other]))
+    assert "on each of the 4 seeds" in readme
+    ctl = {t: json.loads((ROOT / "docs" / "evidence" / t / "main" / "report.json").read_text())["arms"]["agpo-reuse"]
+           ["controllers"] for t in ("smollm2", "embedded", "hard")}
+    tau, changed = ([f"{v[k]:.3f}" if k == "tau/sd" else f"{100 * v[k]:.1f}%" for v in ctl.values()]
+                    for k in ("tau/sd", "loss/clip_changed"))
+    prose = " ".join(recipes.split())
+    assert f"tau sd {tau[0]} over groups ({tau[1]} on the embedded task, {tau[2]} on the harder one)" in prose
+    assert f"{changed[0]} of token decisions differ from a fixed eps of 0.2 ({changed[1]} and {changed[2]})" in prose
+    assert f"on each of the 4 seeds (by {min(ahead):.1f} to {max(ahead):.1f} points)" in prose
+
 
 def test_the_evidence_file_is_every_tasks_report(tmp_path, monkeypatch):
     """docs/img/evidence.json is what `collect` gathers from the committed reports, and on the
     embedded task it holds the arms the second round compares: GRPO-2G, AGPO with probe reuse,
-    AGPO as published, and the two probe-free clips (train group, pass count)."""
+    AGPO as published, and the two probe-free clips (train group, pass count); on SmolLM2-135M,
+    GRPO-2G, AGPO with probe reuse and GRPO-2G at AGPO's mean eps."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import evidence
 
@@ -183,5 +221,6 @@ def test_the_evidence_file_is_every_tasks_report(tmp_path, monkeypatch):
     evidence.main(["collect", "--out", str(tmp_path / "e.json")])
     committed = json.loads((ROOT / "docs" / "img" / "evidence.json").read_text())
     assert json.loads((tmp_path / "e.json").read_text()) == committed
-    assert set(TASKS) <= set(committed)
+    assert {*TASKS, "smollm2"} <= set(committed)
     assert {"grpo16", "agpo-reuse", "agpo", "grpo16-trainclip", "grpo16-passclip"} <= set(committed["embedded"]["arms"])
+    assert set(committed["smollm2"]["arms"]) == {"grpo16", "agpo-reuse", "grpo16-eps"}
