@@ -116,17 +116,17 @@ def lr_of(arm: str, picks: Path | None) -> list[str]:
     return ["--lr", str(pick[arm])]
 
 
-def realised_eps(out: Path, results: Path | None = None) -> float:
-    """AGPO's mean eps over the steps of its finished runs (for the ``grpo16-eps`` arm): AGPO
-    as published, or AGPO + probe reuse where the experiment has no published arm; its records
-    where there are records, so every machine takes the same value."""
+def realised_eps(out: Path, results: Path | None = None, source: str = "agpo") -> float:
+    """The mean eps of ``source``'s finished runs (each run's mean over its steps, then the
+    runs' mean), for the ``grpo16-eps`` arm; from its records where there are records, so
+    every machine takes the same value."""
     means = []
-    runs = load_runs(out, results)
-    for run in runs.get("agpo", runs.get("agpo-reuse", {})).values():
+    for run in load_runs(out, results).get(source, {}).values():
         vals = [r["eps/mean"] for r in run["steps"] if isinstance(r.get("eps/mean"), float) and math.isfinite(r["eps/mean"])]
-        means.append(sum(vals) / len(vals))
+        means += [sum(vals) / len(vals)] if vals else []
     if not means:
-        raise SystemExit("grpo16-eps: no finished agpo (or agpo-reuse) run yet to take the realised eps from")
+        raise SystemExit(f"grpo16-eps: no finished {source} run with a logged eps to take the realised eps from; "
+                         "run that arm first (or choose another with --eps-from)")
     return round(sum(means) / len(means), 4)
 
 
@@ -141,12 +141,12 @@ def sized(flags: list[str], group: int) -> list[str]:
 
 
 def run_args(out: Path, arm: str, seed: int, budget: int, extra: list[str], results: Path | None = None,
-             picks: Path | None = None, dump_seed: int = 0, group: int = 8) -> list[str]:
+             picks: Path | None = None, dump_seed: int = 0, group: int = 8, eps_from: str = "agpo") -> list[str]:
     """The ``agpo.train`` flags of one run (its ``--out-dir`` aside); ``dump_seed``'s runs
-    dump their groups; ``group``: G (``sized``)."""
+    dump their groups; ``group``: G (``sized``); ``eps_from``: the arm ``grpo16-eps`` copies."""
     flags = sized(ARMS[arm][1], group) + lr_of(arm, picks)
     if arm == "grpo16-eps":
-        flags += ["--eps-base", str(realised_eps(out, results))]
+        flags += ["--eps-base", str(realised_eps(out, results, eps_from))]
     if seed == dump_seed:  # what the controllers saw and chose, for one seed
         flags += ["--dump-groups"]
     return [*COMMON, *flags, "--eval-every", str(ARMS[arm][2]), "--token-budget", str(budget), "--seed", str(seed),
@@ -154,11 +154,12 @@ def run_args(out: Path, arm: str, seed: int, budget: int, extra: list[str], resu
 
 
 def launch(out: Path, arm: str, seed: int, budget: int, extra: list[str], log, results: Path | None = None,
-           picks: Path | None = None, dump_seed: int = 0, warmups: Path | None = None, group: int = 8) -> None:
+           picks: Path | None = None, dump_seed: int = 0, warmups: Path | None = None, group: int = 8,
+           eps_from: str = "agpo") -> None:
     d = run_dir(out, arm, seed)
     if results is not None and record_path(results, arm, seed).is_file():
         return  # finished on some machine, committed
-    args = run_args(out, arm, seed, budget, extra, results, picks, dump_seed, group)
+    args = run_args(out, arm, seed, budget, extra, results, picks, dump_seed, group, eps_from)
     if (d / "summary.json").is_file():  # finished here: only if it was made with these very flags
         made = json.loads((d / "command.json").read_text()) if (d / "command.json").is_file() else None
         if made != args:
@@ -192,9 +193,13 @@ def cmd_run(a) -> None:
     queue = [(arm, s) for s in range(first, first + a.seeds) for arm in PRIMARY if arm in arms]
     queue += [(arm, s) for s in range(first, first + a.extra_seeds)
               for arm in ARMS if arm in arms and arm not in PRIMARY]
+    results, picks = (Path(a.results) if a.results else None), (Path(a.lr_from) if a.lr_from else None)
+    pending = {arm for arm, s in queue if not finished(out, arm, s, results)}
+    if {"grpo16-eps", a.eps_from} <= pending:  # its eps is read when it starts, not when that arm ends
+        raise SystemExit(f"--arms: grpo16-eps copies {a.eps_from}'s realised eps; run it in a command of its own "
+                         f"once {a.eps_from} has finished")
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
     log(f"{len(queue)} runs, {a.jobs} at a time, budget {a.budget} tokens each")
-    results, picks = (Path(a.results) if a.results else None), (Path(a.lr_from) if a.lr_from else None)
     warmups = Path(a.warmups) if a.warmups else out / "warmup"
     with ThreadPoolExecutor(a.jobs) as pool:
         # the pending seeds' warm-ups first, side by side and in the runs' order (a seed's runs
@@ -204,9 +209,9 @@ def cmd_run(a) -> None:
             if not finished(out, arm, s, results):
                 todo.setdefault(s, arm)
         jobs = [pool.submit(warm_start, warmups, run_args(out, arm, s, a.budget, a.extra, results, picks, first,
-                                                          a.group_size), log) for s, arm in todo.items()]
+                                                          a.group_size, a.eps_from), log) for s, arm in todo.items()]
         jobs += [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first, warmups,
-                             a.group_size) for arm, s in queue]
+                             a.group_size, a.eps_from) for arm, s in queue]
         for f in jobs:
             f.result()
 
@@ -465,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", type=int, default=90000, help="generated tokens per run, probe included")
     r.add_argument("--group-size", type=int, default=8, help="G: the arms' groups of 8 get G samples, of 16 2G")
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--eps-from", default="agpo", choices=["agpo", "agpo-reuse"], help="grpo16-eps runs at this "
+                   "arm's realised mean eps")
     r.add_argument("--results", default=None, help="keep each finished run's record here (commit it); skip "
                                                      "the runs it holds")
     r.add_argument("--lr-from", default=None, help="a sweep's pick.json: each arm at its picked --lr")

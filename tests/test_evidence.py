@@ -432,7 +432,8 @@ def test_run_takes_seeds_from_first_seed_and_dumps_the_first(tmp_path, monkeypat
     import evidence
 
     calls = []
-    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, *a: calls.append((arm, s, a[-3])))
+    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, budget, extra, log, results, picks, dump_seed, *a:
+                        calls.append((arm, s, dump_seed)))
     monkeypatch.setattr(evidence, "warm_start", lambda *a: None)
     evidence.main(["run", "--out", str(tmp_path), "--arms", "grpo16,agpo-reuse", "--seeds", "2", "--extra-seeds", "3",
                    "--first-seed", "3", "--jobs", "1"])
@@ -444,10 +445,11 @@ def test_run_takes_seeds_from_first_seed_and_dumps_the_first(tmp_path, monkeypat
     assert [f[f.index("--group-size") + 1] for f in four] == ["4", "8"]
 
 
-def test_fixed_eps_arm_takes_agpos_realised_eps_from_the_records(tmp_path):
-    """``grpo16-eps`` runs GRPO-2G at AGPO's mean eps over its recorded steps (each run's mean,
-    then the runs' mean): AGPO as published where the experiment has it, else AGPO + probe
-    reuse (the SmolLM2 design); the flags it makes build the documented SmolLM2 run."""
+def test_fixed_eps_arm_takes_agpos_realised_eps_from_the_records(tmp_path, monkeypatch):
+    """``grpo16-eps`` runs GRPO-2G at an AGPO arm's mean eps over its recorded steps (each run's
+    mean, then the runs' mean): AGPO as published by default, AGPO + probe reuse with
+    ``--eps-from agpo-reuse`` (the SmolLM2 design), never the other one silently; the flags it
+    makes build the documented SmolLM2 run, and ``run`` refuses to start it beside its source."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import evidence
 
@@ -456,20 +458,35 @@ def test_fixed_eps_arm_takes_agpos_realised_eps_from_the_records(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"summary": {}, "curve": [], "steps": [{"eps/mean": e} for e in eps]}))
 
-    with pytest.raises(SystemExit, match="no finished agpo"):
+    with pytest.raises(SystemExit, match="no finished agpo-reuse run"):
+        evidence.realised_eps(tmp_path / "none", tmp_path, "agpo-reuse")
+    record("agpo-reuse", 0, [0.1, 0.2, 0.3])  # run mean 0.2
+    record("agpo-reuse", 1, [0.12, math.nan])  # 0.12: NaN skipped
+    record("agpo-reuse", 2, [math.nan])  # no eps logged: not a run of mean 0 (nor a division by zero)
+    # 0.16, the mean of the runs' means; pooling the steps would give 0.18
+    assert evidence.realised_eps(tmp_path / "none", tmp_path, "agpo-reuse") == pytest.approx(0.16)
+    with pytest.raises(SystemExit, match="no finished agpo run"):  # the published arm is not there: no fallback
         evidence.realised_eps(tmp_path / "none", tmp_path)
-    record("agpo-reuse", 0, [0.1, 0.2])  # run mean 0.15
-    evidence.record_path(tmp_path, "agpo-reuse", 1).write_text(json.dumps(
-        {"summary": {}, "curve": [], "steps": [{"eps/mean": 0.12}, {"eps/mean": math.nan}, {"eps/mean": 0.14}]}))  # 0.13: NaN skipped
-    assert evidence.realised_eps(tmp_path / "none", tmp_path) == pytest.approx(0.14)
     smol = ["--config", str(ROOT / "examples" / "smollm2_chain_sum.yaml"), "--prompts-per-step", "4",
             "--max-new-tokens", "48", "--test-size", "64", "--eval-size", "64", "--eval-every", "2", "--lr", "2.5e-5"]
-    cfg = config_from_args(evidence.run_args(tmp_path / "none", "grpo16-eps", 1, 12000, smol, tmp_path, group=4))
+    cfg = config_from_args(evidence.run_args(tmp_path / "none", "grpo16-eps", 1, 12000, smol, tmp_path, group=4,
+                                             eps_from="agpo-reuse"))
     ctl = cfg.controller
-    assert (ctl.adaptive_clip, ctl.adaptive_temp, cfg.rollout.group_size, ctl.eps_base) == (False, False, 8, 0.14)
+    assert (ctl.adaptive_clip, ctl.adaptive_temp, cfg.rollout.group_size, ctl.eps_base) == (False, False, 8, 0.16)
     assert (cfg.model.model, cfg.run.eval_every, cfg.data.test_size, cfg.optim.lr) == ("smollm2-135m", 2, 64, 2.5e-5)
-    record("agpo", 0, [0.3])  # the published arm, where there is one
+    record("agpo", 0, [0.3])
     assert evidence.realised_eps(tmp_path / "none", tmp_path) == pytest.approx(0.3)
+    # agpo-reuse seed 3 not finished yet: grpo16-eps would read an eps that is still moving
+    started = []
+    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, *a: started.append((arm, s)))
+    monkeypatch.setattr(evidence, "warm_start", lambda *a: None)
+    run = ["run", "--out", str(tmp_path / "none"), "--results", str(tmp_path), "--arms", "agpo-reuse,grpo16-eps",
+           "--eps-from", "agpo-reuse"]
+    with pytest.raises(SystemExit, match="command of its own"):
+        evidence.main([*run, "--extra-seeds", "4"])
+    assert started == []
+    evidence.main([*run, "--extra-seeds", "3"])  # its seeds 0-2 are all recorded: grpo16-eps may go
+    assert sorted(started) == [("agpo-reuse", s) for s in range(3)] + [("grpo16-eps", s) for s in range(3)]
 
 
 def test_report_counts_all_equal_groups_among_the_sampled_ones():

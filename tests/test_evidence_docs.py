@@ -5,6 +5,8 @@ them in each test)."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -171,7 +173,7 @@ def test_docs_quote_the_harder_task(tmp_path):
     assert "docs/img/evidence-hard.png" in recipes and (ROOT / "docs" / "img" / "evidence-hard.png").is_file()
 
 
-def test_docs_quote_the_smollm2_runs(tmp_path):
+def test_docs_quote_the_smollm2_runs(tmp_path, monkeypatch):
     """docs/recipes.md's SmolLM2-135M tables are `report`'s from its committed records (4 paired
     seeds, seed 0's groups dump), the fixed-eps arm ran at AGPO + reuse's realised eps, and the
     README quotes both comparisons with their intervals."""
@@ -181,7 +183,7 @@ def test_docs_quote_the_smollm2_runs(tmp_path):
     committed = quoted_report("smollm2", tmp_path, seeds=4, dump_seed=0)
     arms = committed["arms"]
     main = ROOT / "docs" / "evidence" / "smollm2" / "main"
-    assert arms["grpo16-eps"]["eps_base"] == [evidence.realised_eps(tmp_path / "none", main)]
+    assert arms["grpo16-eps"]["eps_base"] == [evidence.realised_eps(tmp_path / "none", main, "agpo-reuse")]
     assert len(arms["grpo16-eps"]["seeds"]) == 4
     readme = " ".join((ROOT / "README.md").read_text().split())
     reuse, fixed = (arms[a]["vs_control"]["auc"] for a in ("agpo-reuse", "grpo16-eps"))
@@ -193,12 +195,29 @@ def test_docs_quote_the_smollm2_runs(tmp_path):
             f"{100 * fixed['mean']:+.1f} ({100 * fixed['lo']:+.1f} to {100 * fixed['hi']:+.1f})") in readme
     recipes = (ROOT / "docs" / "recipes.md").read_text()
     assert "docs/img/evidence-smollm2.png" in recipes and (ROOT / "docs" / "img" / "evidence-smollm2.png").is_file()
-    # "on every seed": AGPO + reuse's area is above both GRPO arms' on each seed, by the quoted range
+    # "in area on each of the 4 seeds": AGPO + reuse's area is above both GRPO arms' on each seed, by the quoted range
     runs, b = evidence.load_runs(main, main), float(committed["compared_at_tokens"]["1.0"])
     area = {a: [evidence.auc(runs[a][s]["curve"], b) for s in range(4)] for a in arms}
     ahead = [100 * (x - y) for x, y in zip(area["agpo-reuse"], area["grpo16"])]
     assert all(x > y for other in ("grpo16", "grpo16-eps") for x, y in zip(area["agpo-reuse"], area[other]))
-    assert "on each of the 4 seeds" in readme
+    assert "AGPO with probe reuse was ahead in area on each of the 4 seeds tried" in readme
+    # the direct comparison: AGPO + reuse against the fixed-eps arm, paired by seed
+    vs_eps = evidence.paired([100 * (x - y) for x, y in zip(area["agpo-reuse"], area["grpo16-eps"])])
+    assert (f"{vs_eps['mean']:.1f} points of area behind AGPO with probe reuse ({vs_eps['lo']:+.1f} to "
+            f"{vs_eps['hi']:+.1f})") in readme
+    # the documented commands make the committed runs, flag for flag (the fixed eps included)
+    smol = shlex.split(re.search(r'SMOL="([^"]+)"', recipes).group(1))
+    made = {}
+    monkeypatch.setattr(evidence, "launch", lambda out, arm, s, budget, extra, log, results, picks, dump, warmups,
+                        group, eps_from: made.setdefault((arm, s), evidence.run_args(
+                            out, arm, s, budget, extra, results, picks, dump, group, eps_from)))
+    monkeypatch.setattr(evidence, "warm_start", lambda *a: None)
+    monkeypatch.chdir(ROOT)
+    for line in recipes.splitlines():
+        if line.startswith("python scripts/evidence.py run") and "smollm2" in line:
+            evidence.main([a for w in shlex.split(line)[2:] for a in (smol if w == "$SMOL" else [w])])
+    assert sorted(made) == sorted((a, s) for a in arms for s in range(4))
+    assert all(flags == json.loads(evidence.record_path(main, *k).read_text())["flags"] for k, flags in made.items())
     ctl = {t: json.loads((ROOT / "docs" / "evidence" / t / "main" / "report.json").read_text())["arms"]["agpo-reuse"]
            ["controllers"] for t in ("smollm2", "embedded", "hard")}
     tau, changed = ([f"{v[k]:.3f}" if k == "tau/sd" else f"{100 * v[k]:.1f}%" for v in ctl.values()]
@@ -207,6 +226,12 @@ def test_docs_quote_the_smollm2_runs(tmp_path):
     assert f"tau sd {tau[0]} over groups ({tau[1]} on the embedded task, {tau[2]} on the harder one)" in prose
     assert f"{changed[0]} of token decisions differ from a fixed eps of 0.2 ({changed[1]} and {changed[2]})" in prose
     assert f"on each of the 4 seeds (by {min(ahead):.1f} to {max(ahead):.1f} points)" in prose
+    assert f"is ahead of it by {vs_eps['mean']:+.1f} points of area (95% interval {vs_eps['lo']:+.1f} to " \
+           f"{vs_eps['hi']:+.1f})" in prose
+    gap = {k: 100 * arms["agpo-reuse"]["vs_control"][k]["mean"] for k in ("0.25", "0.5", "0.75", "1.0")}
+    assert max(gap, key=gap.get) == "0.5" and gap["1.0"] < min(gap["0.25"], gap["0.5"])  # opens, peaks, narrows
+    assert (f"opens early** ({gap['0.25']:+.1f} points at 25% of the budget), peaks mid-run ({gap['0.5']:+.1f} at "
+            f"50%) and narrows by the end ({gap['1.0']:+.1f})") in prose
 
 
 def test_the_evidence_file_is_every_tasks_report(tmp_path, monkeypatch):
