@@ -194,8 +194,9 @@ def cmd_run(a) -> None:
     queue += [(arm, s) for s in range(first, first + a.extra_seeds)
               for arm in ARMS if arm in arms and arm not in PRIMARY]
     results, picks = (Path(a.results) if a.results else None), (Path(a.lr_from) if a.lr_from else None)
-    pending = {arm for arm, s in queue if not finished(out, arm, s, results)}
-    if {"grpo16-eps", a.eps_from} <= pending:  # its eps is read when it starts, not when that arm ends
+    left = [(arm, s) for arm, s in queue if not finished(out, arm, s, results)]
+    # grpo16-eps reads its eps when it starts, not when the arm it copies has ended
+    if {"grpo16-eps", a.eps_from} <= {arm for arm, _ in left}:
         raise SystemExit(f"--arms: grpo16-eps copies {a.eps_from}'s realised eps; run it in a command of its own "
                          f"once {a.eps_from} has finished")
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -205,9 +206,8 @@ def cmd_run(a) -> None:
         # the pending seeds' warm-ups first, side by side and in the runs' order (a seed's runs
         # would each wait for its one)
         todo: dict[int, str] = {}
-        for arm, s in queue:
-            if not finished(out, arm, s, results):
-                todo.setdefault(s, arm)
+        for arm, s in left:
+            todo.setdefault(s, arm)
         jobs = [pool.submit(warm_start, warmups, run_args(out, arm, s, a.budget, a.extra, results, picks, first,
                                                           a.group_size, a.eps_from), log) for s, arm in todo.items()]
         jobs += [pool.submit(launch, out, arm, s, a.budget, a.extra, log, results, picks, first, warmups,
